@@ -1,0 +1,136 @@
+"""The networks of the MAML paper, each split into a ``body`` and a ``head``.
+
+The split names the parameters ANIL adapts (``head.*``) and the trunk that multi-task models
+share. Parameters are used through :func:`torch.func.functional_call`; nothing here holds state
+that adaptation could change, except BatchNorm's running statistics where a caller asks for them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import checks
+
+BATCH_NORM_MODES = ("transductive", "running", "none")
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation with the statistics of the batch at hand, from elementary tensor ops.
+
+    Same function and parameter names (``weight``, ``bias``) as
+    ``nn.BatchNorm2d(num_features, track_running_stats=False)``, for inputs ``[batch, C, ...]``.
+    Why not that module: its fused kernel's backward has a batching rule that is wrong when
+    differentiated a second time under :func:`torch.func.vmap` (pytorch/functorch#534). MAML's
+    meta-gradient through the vmap backend came out wrong by ~100% on Conv4's conv biases
+    while the per-task loop matched finite differences. Written out, autograd and vmap see only
+    means, subtractions and divisions, whose rules are right; ``tests/test_algorithms.py``
+    checks loop == vmap and ``tests/test_inner.py`` checks against finite differences.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(checks.positive_int("num_features", num_features)))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean = x.mean(dims, keepdim=True)
+        var = ((x - mean) ** 2).mean(dims, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def batch_norm_layer(num_features: int, mode: str, dims: int) -> nn.Module:
+    """The normalisation layer for ``mode`` in :data:`BATCH_NORM_MODES` (not ``"none"``)."""
+    if mode == "transductive":
+        return BatchNorm(num_features)
+    return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(num_features)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network ``in_features -> hidden... -> out_features``.
+
+    ``MLP(1, (40, 40), 1)`` is the MAML paper's sinusoid regressor. With ``batch_norm`` the hidden
+    layers are followed by BatchNorm, as in the paper's fully connected Omniglot network
+    (``MLP(784, (256, 128, 64, 64), n_way, batch_norm="transductive")``); inputs of any shape
+    ``[batch, ...]`` are flattened.
+    """
+
+    def __init__(self, in_features=1, hidden=(40, 40), out_features=1, *, batch_norm="none"):
+        super().__init__()
+        checks.one_of("batch_norm", batch_norm, BATCH_NORM_MODES)
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = checks.positive_int("in_features", in_features)
+        for h in hidden:
+            layers.append(nn.Linear(width, checks.positive_int("hidden", h)))
+            if batch_norm != "none":
+                layers.append(batch_norm_layer(h, batch_norm, dims=1))
+            layers.append(nn.ReLU())
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, checks.positive_int("out_features", out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[batch, *input_shape]`` -> ``[batch, out_features]``."""
+        return self.head(self.body(x))
+
+
+def conv_block(in_channels: int, filters: int, batch_norm: str, pool: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, filters, 3, padding=1)]
+    if batch_norm != "none":
+        layers.append(batch_norm_layer(filters, batch_norm, dims=2))
+    layers.append(nn.ReLU())
+    layers.append(nn.MaxPool2d(2) if pool else nn.Identity())
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """The MAML paper's Omniglot network: 4 x [3x3 conv, BatchNorm, ReLU, 2x2 max-pool], linear head.
+
+    On 28x28 inputs the feature map shrinks 28 -> 14 -> 7 -> 3 -> 1, so the head sees
+    ``filters`` features.
+
+    ``batch_norm``:
+        ``"transductive"`` (default, :class:`BatchNorm`) normalises with the statistics of the
+        batch at hand, in training and at test time alike, and keeps no running buffers. That is
+        what the MAML reference code does; it makes adaptation pure (no state to mutate) and lets
+        :func:`torch.func.vmap` batch tasks. Its cost: a query set is normalised with its own
+        statistics, so predictions for one query image depend on the others (transductive).
+        ``"running"`` tracks running statistics (use the model in ``eval()`` mode to test with
+        them); ``"none"`` drops BatchNorm.
+    """
+
+    def __init__(
+        self,
+        n_way: int,
+        *,
+        in_channels: int = 1,
+        filters: int = 64,
+        image_size: int = 28,
+        batch_norm: str = "transductive",
+    ):
+        super().__init__()
+        checks.one_of("batch_norm", batch_norm, BATCH_NORM_MODES)
+        filters = checks.positive_int("filters", filters)
+        size = checks.positive_int("image_size", image_size)
+        blocks = []
+        channels = checks.positive_int("in_channels", in_channels)
+        for _ in range(4):
+            pool = size >= 2  # stop pooling once the map is 1x1, as 'SAME' pooling would
+            blocks.append(conv_block(channels, filters, batch_norm, pool))
+            channels, size = filters, size // 2 if pool else size
+        self.body = nn.Sequential(*blocks, nn.Flatten())
+        self.head = nn.Linear(filters * size * size, checks.positive_int("n_way", n_way))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x``: ``[batch, in_channels, image_size, image_size]`` -> logits ``[batch, n_way]``."""
+        return self.head(self.body(x))
+
+
+def head_names(model: nn.Module) -> list[str]:
+    """Names of the parameters of ``model.head``: the ones ANIL adapts."""
+    if not isinstance(getattr(model, "head", None), nn.Module):
+        raise ValueError(f"{type(model).__name__} has no submodule 'head' to adapt")
+    return [f"head.{n}" for n, _ in model.head.named_parameters()]

@@ -1,0 +1,69 @@
+import math
+
+import pytest
+import torch
+
+import mmtl_lib as ml
+
+
+def test_sinusoid_matches_the_maml_paper_distribution():
+    tasks = ml.Sinusoid().sample(2000, 5, 7, generator=ml.generator(0))
+    (sx, sy), (_, qy) = tasks.support, tasks.query
+    assert sx.shape == (2000, 5, 1) and qy.shape == (2000, 7, 1)
+    amp, phase = tasks.info["amplitude"], tasks.info["phase"]
+    assert 0.1 <= amp.min() and amp.max() <= 5.0 and amp.mean().item() == pytest.approx(2.55, abs=0.1)
+    assert 0 <= phase.min() and phase.max() <= math.pi
+    assert -5 <= sx.min() and sx.max() <= 5
+    assert torch.allclose(sy, amp[:, None, None] * torch.sin(sx - phase[:, None, None]))
+
+
+def test_sampling_is_repeatable_by_seed():
+    a = ml.Sinusoid().sample(3, 4, 4, generator=ml.generator(7))
+    b = ml.Sinusoid().sample(3, 4, 4, generator=ml.generator(7))
+    c = ml.Sinusoid().sample(3, 4, 4, generator=ml.generator(8))
+    assert torch.equal(a.support[0], b.support[0]) and not torch.equal(a.support[0], c.support[0])
+
+
+def test_task_batch_indexing_and_device_move():
+    tasks = ml.Sinusoid().sample(3, 4, 5)
+    t = tasks.task(1)
+    assert t.support[0].shape == (4, 1) and t.info["amplitude"].shape == ()
+    assert tasks.n_tasks == 3
+    assert tasks.to("cpu").query[1].shape == (3, 5, 1)
+
+
+def test_conv4_shapes_follow_the_maml_paper():
+    model = ml.Conv4(5)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
+    assert model.head.in_features == 64
+    assert sum(p.numel() for p in model.parameters()) == 112_261
+    assert ml.head_names(model) == ["head.weight", "head.bias"]
+    small = ml.Conv4(20, filters=16, image_size=14)
+    assert small(torch.zeros(3, 1, 14, 14)).shape == (3, 20)
+
+
+def test_mlp_is_the_40_40_sinusoid_regressor():
+    model = ml.MLP(1, (40, 40), 1)
+    assert [tuple(p.shape) for p in model.parameters()] == [(40, 1), (40,), (40, 40), (40,), (1, 40), (1,)]
+    fc = ml.MLP(784, (256, 128, 64, 64), 5, batch_norm="transductive")
+    assert fc(torch.zeros(4, 1, 28, 28)).shape == (4, 5)
+
+
+def test_default_device_and_threads():
+    assert ml.default_device().type in {"cpu", "cuda", "mps"}
+    assert ml.set_threads(1) == 1 and torch.get_num_threads() == 1
+
+
+def test_library_batch_norm_equals_torch_batch_norm_in_value_and_gradient():
+    torch.manual_seed(0)
+    ours, theirs = ml.models.BatchNorm(3).double(), torch.nn.BatchNorm2d(3, track_running_stats=False).double()
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+            m.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    a, b = ours(x), theirs(x)
+    assert torch.allclose(a, b, atol=1e-12)
+    ga = torch.autograd.grad((a ** 3).sum(), [x, ours.weight])
+    gb = torch.autograd.grad((b ** 3).sum(), [x, theirs.weight])
+    assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb))
