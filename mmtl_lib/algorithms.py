@@ -209,7 +209,19 @@ class Learner:
         """Test-time adaptation to one task: detached parameters, no graph kept alive."""
         params = {k: v.detach() for k, v in self.params().items()}
         steps = self.test_steps if steps is None else steps
-        return params if steps == 0 else _continue(self, params, support, steps)
+        return params if steps == 0 else self.fine_tune(params, support, steps)
+
+    stateful_adaptation = False
+    """True when continuing an adaptation differs from running it in one go (Adam's moments)."""
+
+    def fine_tune(self, params: Params, support: tuple[Tensor, Tensor], steps: int) -> Params:
+        """``steps`` more test-time SGD steps from ``params``; detached result."""
+        lr = self.test_lr
+        if isinstance(lr, Mapping):
+            lr = {k: v.detach() for k, v in lr.items()}
+        adapted = adapt(self.model, params, support, self.loss_fn, steps=steps, inner_lr=lr,
+                        first_order=True, adapt_names=self.adapt_names)
+        return {k: v.detach() for k, v in adapted.items()}
 
     def predict(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         with torch.no_grad():
@@ -311,8 +323,8 @@ class Reptile(Learner):
     Adam on its support set, then move towards the mean of the adapted weights.
 
     ``meta_backward`` writes ``theta - mean_i phi_i`` into ``.grad``; an outer SGD with learning
-    rate ``epsilon`` then performs the paper's interpolation. Test time fine-tunes with plain SGD
-    at ``inner_lr`` for ``test_steps`` steps.
+    rate ``epsilon`` then performs the paper's interpolation. Test time fine-tunes the same way,
+    with the inner optimizer on the whole support set, for ``test_steps`` steps.
     """
 
     name = "reptile"
@@ -338,6 +350,15 @@ class Reptile(Learner):
             inner_optimizer=checks.one_of("inner_optimizer", inner_optimizer, ("sgd", "adam")),
             inner_batch_size=inner_batch_size, generator=generator,
         )
+
+    @property
+    def stateful_adaptation(self) -> bool:
+        return self.inner["inner_optimizer"] == "adam"
+
+    def fine_tune(self, params: Params, support: tuple[Tensor, Tensor], steps: int) -> Params:
+        """Test time adapts as training did, with the inner optimizer on the full support set."""
+        inner = {**self.inner, "steps": steps, "inner_batch_size": None}
+        return reptile_adapt(self.model, params, support, self.loss_fn, **inner)
 
     def meta_backward(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         params = self.params()
@@ -428,22 +449,58 @@ def evaluate(learner: Learner, tasks: TaskBatch, *, steps=None, metric=None) -> 
         params, done = learner.adapt(task.support, 0), 0
         for s in steps:
             if s > done:
-                params = _continue(learner, params, task.support, s - done)
+                if learner.stateful_adaptation:  # e.g. Adam: its moments would restart
+                    params, done = learner.adapt(task.support, 0), 0
+                params = learner.fine_tune(params, task.support, s - done)
                 done = s
             with torch.no_grad():
                 results[s].append(metric(learner.predict(params, task.query[0]), task.query[1]))
     return {s: torch.stack(v) for s, v in results.items()}
 
 
-def _continue(learner: Learner, params: Params, support, steps: int) -> Params:
-    lr = learner.test_lr
-    if isinstance(lr, Mapping):
-        lr = {k: v.detach() for k, v in lr.items()}
-    adapted = adapt(learner.model, params, support, learner.loss_fn, steps=steps, inner_lr=lr,
-                    first_order=True, adapt_names=learner.adapt_names)
-    return {k: v.detach() for k, v in adapted.items()}
-
-
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
     """Fraction of ``argmax(logits, -1) == labels``; ``logits`` ``[..., n_way]``."""
     return (logits.argmax(-1) == labels).float().mean()
+
+
+class PretrainClassifier(Learner):
+    """The pretrain-and-fine-tune baseline for few-shot classification (Chen et al. 2019).
+
+    Training is ordinary supervised learning of ``model.body`` with a classifier over all
+    ``n_classes`` training classes (``pretrain_head``), on the pooled images of the meta-batch
+    with their global labels (``tasks.info["class_index"]``). At test time the body is kept and a
+    fresh ``n_way`` head starting at zero (all classes equally likely) is fine-tuned on the
+    support set with SGD, the whole network or only ``adapt_names``.
+    """
+
+    name = "pretrain"
+
+    def __init__(self, model: nn.Module, n_classes: int, *, test_lr: float, test_steps: int, adapt_names=None):
+        self.model, self.loss_fn = model, nn.functional.cross_entropy
+        self.test_lr = checks.positive_float("test_lr", test_lr)
+        self.test_steps = checks.positive_int("test_steps", test_steps)
+        self.adapt_names = adapt_names
+        head = model.head
+        self.pretrain_head = nn.Linear(head.in_features, checks.positive_int("n_classes", n_classes))
+        self.pretrain_head.to(head.weight.device)
+
+    def meta_parameters(self) -> list[Tensor]:
+        return list(self.model.body.parameters()) + list(self.pretrain_head.parameters())
+
+    def params(self) -> Params:
+        params = dict(self.model.named_parameters())
+        return {k: torch.zeros_like(v) if k.startswith("head.") else v for k, v in params.items()}
+
+    def meta_backward(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
+        x, y = _merge(tasks)
+        labels = tasks.info["class_index"].gather(1, torch.cat([tasks.support[1], tasks.query[1]], 1)).flatten()
+        loss = self.loss_fn(self.pretrain_head(self.model.body(x)), labels)
+        loss.backward()
+        return loss.detach().expand(tasks.n_tasks), torch.empty(tasks.n_tasks, 0)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "pretrain_head": self.pretrain_head.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.pretrain_head.load_state_dict(state["pretrain_head"])
