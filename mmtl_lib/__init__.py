@@ -20,6 +20,14 @@ from .algorithms import (
     reptile_adapt,
     reptile_meta_gradient,
 )
+from .data import (
+    EpisodeSampler,
+    OmniglotImages,
+    OmniglotNotFoundError,
+    load_omniglot,
+    omniglot_split,
+    omniglot_tasks,
+)
 from .inner import adapt, forward
 from .models import MLP, Conv4, head_names
 from .runtime import default_device, generator, set_threads
@@ -32,4 +40,6 @@ __all__ = [
     "TaskBatch", "accuracy", "adapt", "anil", "default_device", "evaluate", "first_order_maml",
     "forward", "gaussian_ci95", "generator", "head_names", "meta_loss", "meta_sgd",
     "reptile_adapt", "reptile_meta_gradient", "set_threads",
+    "EpisodeSampler", "OmniglotImages", "OmniglotNotFoundError", "load_omniglot", "omniglot_split",
+    "omniglot_tasks",
 ]
