@@ -41,6 +41,14 @@ class TaskBatch(NamedTuple):
             {k: v[i] for k, v in self.info.items()},
         )
 
+    def slice(self, start: int, stop: int) -> TaskBatch:
+        """Tasks ``start`` to ``stop - 1``, keeping the task dimension."""
+        return TaskBatch(
+            tuple(t[start:stop] for t in self.support),
+            tuple(t[start:stop] for t in self.query),
+            {k: v[start:stop] for k, v in self.info.items()},
+        )
+
     def to(self, device) -> TaskBatch:
         return TaskBatch(
             tuple(t.to(device) for t in self.support),

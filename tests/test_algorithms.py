@@ -235,3 +235,17 @@ class TestBadInput:
         learner = ml.MAML(ml.MLP(), F.mse_loss, inner_lr=0.1, steps=1)
         with pytest.raises(ValueError, match=r"steps = \[-1, 1\] is not allowed"):
             ml.evaluate(learner, ml.Sinusoid().sample(2, 3, 3), steps=[1, -1])
+
+
+def test_maml_meta_backward_equals_gradient_of_mean_query_loss_for_both_backends():
+    model, tasks = conv4().double(), image_tasks()
+    tasks = ml.TaskBatch((tasks.support[0].double(), tasks.support[1]), (tasks.query[0].double(), tasks.query[1]))
+    params = dict(model.named_parameters())
+    losses, _ = ml.meta_loss(model, params, tasks, F.cross_entropy, steps=2, inner_lr=0.4)
+    want = torch.autograd.grad(losses.mean(), list(params.values()))
+    for backend in ("loop", "vmap"):
+        model.zero_grad()
+        got_losses, _ = ml.MAML(model, F.cross_entropy, inner_lr=0.4, steps=2, backend=backend).meta_backward(tasks)
+        assert torch.allclose(got_losses, losses.detach(), rtol=1e-12)
+        for p, w in zip(model.parameters(), want):
+            assert torch.allclose(p.grad, w, rtol=1e-9, atol=1e-12), backend
