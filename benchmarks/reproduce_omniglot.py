@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
+    """The code's commit: ``MMTL_COMMIT`` where the tree travels without .git, else git's."""
+    if os.environ.get("MMTL_COMMIT"):
+        return os.environ["MMTL_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()

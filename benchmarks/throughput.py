@@ -243,8 +243,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated subset of loop, vmap, func, learn2learn, higher (default: all)")
     add("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA (default: off)")
     add("--rtol", type=float, default=1e-3, help="gradient check: relative tolerance (default: 1e-3)")
-    add("--atol", type=float, default=1e-5,
-        help="gradient check: absolute tolerance, times the largest entry (default: 1e-5)")
+    add("--atol", type=float, default=None,
+        help="gradient check: absolute tolerance, times the largest entry (default: 1e-5 on CPU, 1e-3 on CUDA, "
+             "where float32 cuDNN kernels sum in other orders: measured 2e-4 on an H200, while the float64 check "
+             "on CUDA agreed to 2e-15)")
     add("--seed", type=int, default=0)
     add("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -257,6 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.meta_batch_size = args.meta_batch_size or (32 if cuda else 8)
     args.iters = args.iters or (20 if cuda else 3)
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
+    args.atol = (1e-3 if cuda else 1e-5) if args.atol is None else args.atol
     for name in ("meta_batch_size", "iters", "repeats", "steps", "filters", "n_query"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
