@@ -11,7 +11,7 @@ project = "Meta Multi-Task Learning"
 author = "The MMTL book authors"
 copyright = "2026, the MMTL book authors"
 
-extensions = ["myst_nb", "sphinx_exercise", "sphinx.ext.mathjax"]
+extensions = ["myst_nb", "sphinx_exercise", "sphinx_togglebutton", "sphinx.ext.mathjax"]
 root_doc = "book/index"
 include_patterns = ["book/**", "chapters/*.md"]
 exclude_patterns = ["book/_build/**", "**/.ipynb_checkpoints/**"]

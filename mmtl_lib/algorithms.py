@@ -243,8 +243,6 @@ class MAML(Learner):
     * ``adapt_names=head_names(model)``: ANIL (Raghu et al. 2020), adapt the head only.
     """
 
-    name = "maml"
-
     def __init__(
         self,
         model: nn.Module,
@@ -275,6 +273,14 @@ class MAML(Learner):
             params = dict(model.named_parameters())
             self.inner_lrs = {n: torch.full_like(params[n], inner_lr, requires_grad=True) for n in names}
         self.inner_lr = inner_lr
+
+    @property
+    def name(self) -> str:
+        if self.inner_lrs is not None:
+            return "metasgd"
+        if self.adapt_names is not None:
+            return "anil"
+        return "fomaml" if self.first_order else "maml"
 
     @property
     def test_lr(self):
