@@ -440,13 +440,17 @@ def gaussian_ci95(values: Tensor) -> tuple[float, float]:
     return values.mean().item(), 1.96 * std / math.sqrt(n)
 
 
-def evaluate(learner: Learner, tasks: TaskBatch, *, steps=None, metric=None) -> dict[int, Tensor]:
+def evaluate(learner: Learner, tasks: TaskBatch, *, steps=None, metric=None, backend: str = "auto",
+             chunk_size: int | None = None) -> dict[int, Tensor]:
     """Adapt to each task's support set and score its query set after each of ``steps``.
 
     Args:
         steps: inner-step counts to report, e.g. ``[0, 1, 5, 10]`` (0 = before adaptation);
             defaults to ``[0, learner.test_steps]``.
         metric: ``metric(prediction, y)`` -> scalar; defaults to ``learner.loss_fn``.
+        backend: ``"loop"`` (task by task), ``"vmap"`` (all tasks at once, ``chunk_size`` at a
+            time) or ``"auto"``: vmap where the learner fine-tunes with plain SGD and the model
+            has no running buffers, else the loop. Both give the same numbers.
 
     Returns:
         step count -> per-task metric ``[meta_batch_size]``. The adaptation runs step by step,
@@ -455,20 +459,30 @@ def evaluate(learner: Learner, tasks: TaskBatch, *, steps=None, metric=None) -> 
     steps = sorted({0, learner.test_steps} if steps is None else set(steps))
     if steps[0] < 0:
         raise ValueError(f"steps = {steps} is not allowed: step counts must be >= 0")
+    checks.one_of("backend", backend, ("auto", *BACKENDS))
     metric = metric or learner.loss_fn
-    results = {s: [] for s in steps}
-    for i in range(tasks.n_tasks):
-        task = tasks.task(i)
-        params, done = learner.adapt(task.support, 0), 0
+    if backend == "auto":
+        plain_sgd = type(learner).fine_tune is Learner.fine_tune
+        backend = "vmap" if plain_sgd and not list(learner.model.buffers()) else "loop"
+
+    def scores(sx, sy, qx, qy) -> Tensor:
+        params, done, out = learner.adapt((sx, sy), 0), 0, []
         for s in steps:
             if s > done:
                 if learner.stateful_adaptation:  # e.g. Adam: its moments would restart
-                    params, done = learner.adapt(task.support, 0), 0
-                params = learner.fine_tune(params, task.support, s - done)
+                    params, done = learner.adapt((sx, sy), 0), 0
+                params = learner.fine_tune(params, (sx, sy), s - done)
                 done = s
             with torch.no_grad():
-                results[s].append(metric(learner.predict(params, task.query[0]), task.query[1]))
-    return {s: torch.stack(v) for s, v in results.items()}
+                out.append(metric(learner.predict(params, qx), qy))
+        return torch.stack(out)
+
+    args = (*tasks.support, *tasks.query)
+    if backend == "vmap":
+        table = torch.func.vmap(scores, chunk_size=chunk_size)(*args)
+    else:
+        table = torch.stack([scores(*task) for task in zip(*args)])
+    return {s: table[:, i] for i, s in enumerate(steps)}
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:

@@ -249,3 +249,18 @@ def test_maml_meta_backward_equals_gradient_of_mean_query_loss_for_both_backends
         assert torch.allclose(got_losses, losses.detach(), rtol=1e-12)
         for p, w in zip(model.parameters(), want):
             assert torch.allclose(p.grad, w, rtol=1e-9, atol=1e-12), backend
+
+
+@pytest.mark.parametrize("make", ["maml", "metasgd", "pretrain", "reptile"])
+def test_evaluate_loop_and_vmap_agree(make):
+    model, tasks = conv4(), image_tasks()
+    learner = {
+        "maml": lambda: ml.MAML(model, F.cross_entropy, inner_lr=0.4, steps=1),
+        "metasgd": lambda: ml.meta_sgd(model, F.cross_entropy, inner_lr=0.4, steps=1),
+        "pretrain": lambda: ml.algorithms.PretrainClassifier(model, 10, test_lr=0.1, test_steps=3),
+        "reptile": lambda: ml.Reptile(model, F.cross_entropy, inner_lr=0.01, steps=2, inner_optimizer="adam"),
+    }[make]()
+    loop = ml.evaluate(learner, tasks, steps=[0, 1, 3], backend="loop")
+    vmapped = ml.evaluate(learner, tasks, steps=[0, 1, 3], backend="vmap", chunk_size=3)
+    for s in loop:
+        assert torch.allclose(loop[s], vmapped[s], rtol=1e-4, atol=1e-5), s
