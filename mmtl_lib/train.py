@@ -171,7 +171,8 @@ class Trainer:
         progress: bool = True,
     ) -> list[dict]:
         """Train until ``iterations`` (counted from 0, so a resumed run continues) or until
-        ``time_budget`` seconds of training have passed; returns the history.
+        ``time_budget`` seconds of training have passed (time spent validating is not
+        counted); returns the history.
 
         The history keeps one record every ``log_every`` iterations (the mean of the records
         in between) and one per validation.
@@ -183,10 +184,10 @@ class Trainer:
 
         bar = tqdm(total=iterations, initial=self.iteration, disable=not progress, mininterval=5, desc="meta-train")
         window: list[dict] = []
-        start = time.perf_counter() - self.elapsed
         while self.iteration < iterations:
+            start = time.perf_counter()
             window.append(self.step(iterations))
-            self.elapsed = time.perf_counter() - start
+            self.elapsed += time.perf_counter() - start  # training time only: validation is extra
             bar.update(1)
             done = self.iteration >= iterations or (time_budget is not None and self.elapsed >= time_budget)
             if len(window) >= log_every or done:
