@@ -4,6 +4,7 @@ Functional meta-learning in PyTorch: parameters live in dicts and go through
 :func:`torch.func.functional_call`; inner loops are differentiable end to end.
 """
 
+from . import mmtl, mtl
 from .algorithms import (
     MAML,
     JointTraining,
@@ -41,5 +42,5 @@ __all__ = [
     "forward", "gaussian_ci95", "generator", "head_names", "meta_loss", "meta_sgd",
     "reptile_adapt", "reptile_meta_gradient", "set_threads",
     "EpisodeSampler", "OmniglotImages", "OmniglotNotFoundError", "load_omniglot", "omniglot_split",
-    "omniglot_tasks",
+    "omniglot_tasks", "mmtl", "mtl",
 ]

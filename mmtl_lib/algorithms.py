@@ -193,6 +193,8 @@ class Learner:
     test_steps: int
     test_lr: float | Mapping[str, Tensor]
     adapt_names: list[str] | None = None
+    grad_clip: float | None = None
+    """Inner-gradient clipping, applied at test time exactly as in training."""
 
     def meta_parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
@@ -220,7 +222,7 @@ class Learner:
         if isinstance(lr, Mapping):
             lr = {k: v.detach() for k, v in lr.items()}
         adapted = adapt(self.model, params, support, self.loss_fn, steps=steps, inner_lr=lr,
-                        first_order=True, adapt_names=self.adapt_names)
+                        first_order=True, adapt_names=self.adapt_names, grad_clip=self.grad_clip)
         return {k: v.detach() for k, v in adapted.items()}
 
     def predict(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -398,11 +400,12 @@ class JointTraining(Learner):
 
     name = "pretrain"
 
-    def __init__(self, model, loss_fn, *, test_lr: float, test_steps: int, targets=None):
+    def __init__(self, model, loss_fn, *, test_lr: float, test_steps: int, targets=None, grad_clip=None):
         self.model, self.loss_fn = model, loss_fn
         self.test_lr = checks.positive_float("test_lr", test_lr)
         self.test_steps = checks.positive_int("test_steps", test_steps)
         self.targets = targets or _merge
+        self.grad_clip = grad_clip
 
     def meta_backward(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         x, y = self.targets(tasks)

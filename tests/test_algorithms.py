@@ -264,3 +264,17 @@ def test_evaluate_loop_and_vmap_agree(make):
     vmapped = ml.evaluate(learner, tasks, steps=[0, 1, 3], backend="vmap", chunk_size=3)
     for s in loop:
         assert torch.allclose(loop[s], vmapped[s], rtol=1e-4, atol=1e-5), s
+
+
+def test_test_time_fine_tuning_clips_like_training():
+    torch.manual_seed(0)
+    model = ml.MLP(1, (8,), 1)
+    tasks = ml.Sinusoid().sample(2, 5, 5, generator=ml.generator(0))
+
+    def moved(grad_clip):
+        learner = ml.MAML(model, F.mse_loss, inner_lr=0.1, steps=1, grad_clip=grad_clip)
+        params = learner.adapt(tasks.task(0).support, steps=1)
+        return torch.sqrt(sum(((params[k] - p.detach()) ** 2).sum() for k, p in model.named_parameters()))
+
+    assert moved(1e-3) == pytest.approx(0.1 * 1e-3, rel=1e-4)
+    assert moved(None) > 10 * 0.1 * 1e-3
