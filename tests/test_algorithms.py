@@ -276,5 +276,5 @@ def test_test_time_fine_tuning_clips_like_training():
         params = learner.adapt(tasks.task(0).support, steps=1)
         return torch.sqrt(sum(((params[k] - p.detach()) ** 2).sum() for k, p in model.named_parameters()))
 
-    assert moved(1e-3) == pytest.approx(0.1 * 1e-3, rel=1e-4)
+    assert moved(1e-3) == pytest.approx(0.1 * 1e-3, rel=1e-3)  # float32
     assert moved(None) > 10 * 0.1 * 1e-3
