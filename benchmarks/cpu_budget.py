@@ -31,6 +31,7 @@ CANDIDATES = {
     "conv32-14-mb4": dict(meta_batch_size=4),
     "conv64-14-mb8": dict(filters=64),
     "fomaml-cpu": dict(algorithm="fomaml"),
+    "fomaml-conv64-28-mb8": dict(algorithm="fomaml", image_size=28, filters=64),
 }
 
 

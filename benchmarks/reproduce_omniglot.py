@@ -25,7 +25,7 @@ from mmtl_lib.__main__ import _hardware
 from mmtl_lib.runtime import default_device, set_threads
 from mmtl_lib.train import Trainer, evaluate_learner
 
-# Finn et al. 2017, Table 1; Nichol et al. 2018, Table 1 (transductive), in percent.
+# Finn et al. 2017, Table 1; Nichol et al. 2018, Omniglot table (Reptile without transduction), in percent.
 PAPER = {
     "maml-5w1s": 98.7, "maml-5w5s": 99.9, "maml-20w1s": 95.8, "maml-20w5s": 98.9,
     "fomaml-5w1s": 98.3, "fomaml-20w1s": 89.4,
