@@ -78,7 +78,8 @@ class Trainer:
         outer_lr, optimizer: the meta-optimizer, ``"adam"`` or ``"sgd"`` (Reptile's
             interpolation is SGD at ``outer_lr``).
         schedule: ``"constant"``, ``"linear"`` (to ``final_lr_fraction * outer_lr``, Reptile's
-            annealing) or ``"cosine"``, over ``iterations`` given to :meth:`fit`.
+            annealing) or ``"cosine"``, over ``iterations`` given to :meth:`fit`, or over its
+            ``time_budget`` where that ends first.
         seed: seeds the task generator and torch's global generators.
         amp: bfloat16 autocast on CUDA; tf32: allow TF32 matmuls on CUDA.
     """
@@ -118,13 +119,18 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         self.iteration, self.history, self.elapsed = 0, [], 0.0
+        self._time_budget: float | None = None
         self.amp = amp
         if tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
     def _lr(self, iterations: int) -> float:
-        frac = min(self.iteration / max(iterations, 1), 1.0)
+        # Progress through whichever budget ends first, so a time-budgeted run anneals too.
+        frac = self.iteration / max(iterations, 1)
+        if self._time_budget:
+            frac = max(frac, self.elapsed / self._time_budget)
+        frac = min(frac, 1.0)
         low = self.final_lr_fraction
         if self.schedule == "linear":
             return self.outer_lr * (1 - (1 - low) * frac)
@@ -180,6 +186,7 @@ class Trainer:
         iterations = checks.positive_int("iterations", iterations)
         if time_budget is not None:
             checks.positive_float("time_budget", time_budget)
+        self._time_budget = time_budget
         from tqdm.auto import tqdm
 
         bar = tqdm(total=iterations, initial=self.iteration, disable=not progress, mininterval=5, desc="meta-train")

@@ -130,3 +130,11 @@ def test_short_cpu_training_run_is_well_above_chance(tmp_path, capsys, monkeypat
     result = json.loads(capsys.readouterr().out)
     assert abs(result["pre_adaptation_accuracy"] - 0.2) < 0.06
     assert result["accuracy"] > 2 * 0.2  # twice chance after a few seconds of training
+
+
+def test_schedule_anneals_over_the_time_budget():
+    trainer = sinusoid_trainer()
+    trainer.schedule, trainer.final_lr_fraction = "cosine", 0.1
+    trainer.fit(10**6, time_budget=0.5, progress=False)
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    assert trainer.iteration < 10**6 and lr < 0.2 * trainer.outer_lr
