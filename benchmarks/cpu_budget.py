@@ -28,6 +28,7 @@ CANDIDATES = {
     "conv32-28-mb8": dict(image_size=28, filters=32, meta_batch_size=8),
     "conv16-28-mb8": dict(image_size=28, filters=16, meta_batch_size=8),
     "cpu": dict(),
+    "cpu-lr1e-3": dict(outer_lr=1e-3, schedule="constant"),
     "conv32-14-mb4": dict(meta_batch_size=4),
     "conv64-14-mb8": dict(filters=64),
     "fomaml-cpu": dict(algorithm="fomaml"),

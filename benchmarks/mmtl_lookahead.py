@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import sys
 import time
@@ -58,6 +56,7 @@ from torch import Tensor
 
 import mmtl_lib
 from mmtl_lib import mmtl
+from mmtl_lib.runtime import run_seeds, save_report
 
 GROUPS = {"primary": [0], "related": [1, 2, 3], "unrelated": [4, 5, 6], "noise": [7, 8, 9]}
 N_TASKS = 10
@@ -296,24 +295,15 @@ def main(argv=None) -> dict:
     print(f"primary: {args.n_primary} examples ({args.n_val} held out for the lookahead); 9 auxiliary tasks of "
           f"{args.n_aux}; MLP({args.input_dim}, ({args.hidden}, {args.hidden}), {N_TASKS}); {args.steps} steps; "
           f"{args.seeds} seed(s); torch {torch.__version__}, {threads} thread(s)")
-    start = time.perf_counter()
-    per_seed = []
-    for seed in range(args.seeds):
-        per_seed.append(run_seed(args, seed))
-        print(f"seed {seed} done, {time.perf_counter() - start:.0f} s")
+    per_seed, total = run_seeds(lambda seed: run_seed(args, seed), args.seeds)
     summary = summarise(per_seed)
     print()
     print_table(summary, args.seeds)
-    total = time.perf_counter() - start
     print(f"total wall time {total:.0f} s")
     report = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "torch": torch.__version__,
               "python": sys.version.split()[0], "threads": threads, "total_seconds": total,
               "groups": GROUPS, "summary": summary, "per_seed": per_seed}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.json}")
+    save_report(args.json, report)
     return report
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -63,6 +62,7 @@ from torch import Tensor, nn
 
 import mmtl_lib
 from mmtl_lib import mtl, mtl_data
+from mmtl_lib.runtime import save_report
 
 METHODS = ("EW", "UW", "GradNorm", "DWA", "PCGrad", "RLW", "STL")
 
@@ -278,11 +278,7 @@ def main(argv=None) -> dict:
         "cpu": cpu_name(), "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat(),
         "total_seconds": total, "summary": summary, "per_seed": per_seed,
     }
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    save_report(args.json, report)
     return report
 
 

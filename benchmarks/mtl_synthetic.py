@@ -62,8 +62,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import sys
 import time
@@ -74,6 +72,7 @@ from torch import Tensor, nn
 
 import mmtl_lib
 from mmtl_lib import mtl
+from mmtl_lib.runtime import save_report
 
 IN_FEATURES, OUT_FEATURES, WIDTH, DEPTH = 250, 100, 100, 4
 
@@ -311,11 +310,7 @@ def main(argv=None) -> dict:
         "M_zero_predictor": zero,
         "per_seed": [{m: {**r, "M": r["M"].tolist()} for m, r in s.items()} for s in per_seed],
     }
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    save_report(args.json, report)
     return report
 
 

@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import os
 import platform
 import statistics
@@ -40,6 +39,7 @@ from torch.func import functional_call
 
 import mmtl_lib
 from mmtl_lib import TaskBatch
+from mmtl_lib.runtime import save_report
 
 N_WAY, K_SHOT, IMAGE_SIZE = 5, 1, 28
 REFERENCE = "torch.func loop"
@@ -395,11 +395,7 @@ def main(argv=None) -> dict:
                            "first_order_contrast": contrast},
         "skipped": skipped, "results": results,
     }
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    save_report(args.json, report)
     return report
 
 

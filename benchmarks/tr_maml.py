@@ -35,8 +35,6 @@ over [0.1, 5]) and the MSE on the easy training range, plus the share of ``p`` o
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -46,6 +44,7 @@ import torch.nn.functional as F
 
 import mmtl_lib
 from mmtl_lib import mmtl
+from mmtl_lib.runtime import run_seeds, save_report
 from mmtl_lib.train import Trainer
 
 METHODS = ("MAML", "TR-MAML", "MTL pretrain")
@@ -169,24 +168,15 @@ def main(argv=None) -> dict:
           f"torch {torch.__version__}, {threads} thread(s)")
     test_tasks = mmtl_lib.Sinusoid(amplitude=TEST_AMPLITUDE).sample(
         args.test_tasks, args.k_shot, 100, generator=mmtl_lib.generator(12345))
-    start = time.perf_counter()
-    per_seed = []
-    for seed in range(args.seeds):
-        per_seed.append(run_seed(args, seed, test_tasks))
-        print(f"seed {seed} done, {time.perf_counter() - start:.0f} s")
+    per_seed, total = run_seeds(lambda seed: run_seed(args, seed, test_tasks), args.seeds)
     summary = summarise(per_seed)
     print()
     print_table(summary, args)
-    total = time.perf_counter() - start
     print(f"total wall time {total:.0f} s")
     report = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "torch": torch.__version__,
               "python": sys.version.split()[0], "threads": threads, "total_seconds": total,
               "summary": summary, "per_seed": per_seed}
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {args.json}")
+    save_report(args.json, report)
     return report
 
 

@@ -35,3 +35,26 @@ def set_threads(n: int | None = None) -> int:
 def generator(seed: int, device="cpu") -> torch.Generator:
     """A seeded generator, so that a run is repeatable without touching the global RNG."""
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def run_seeds(run_seed, seeds: int) -> tuple[list, float]:
+    """``[run_seed(0), ..., run_seed(seeds - 1)]`` and the seconds they took, reporting progress."""
+    import time
+
+    start, results = time.perf_counter(), []
+    for seed in range(seeds):
+        results.append(run_seed(seed))
+        print(f"seed {seed} done, {time.perf_counter() - start:.0f} s", flush=True)
+    return results, time.perf_counter() - start
+
+
+def save_report(path: str | None, report: dict) -> None:
+    """Write a benchmark's report as JSON to ``path`` (creating its folder); nothing if ``None``."""
+    if path is None:
+        return
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path}")
