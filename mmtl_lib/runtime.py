@@ -55,6 +55,23 @@ def save_report(path: str | None, report: dict) -> None:
     import json
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    report = {"machine": machine(), **report}
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {path}")
+
+
+def machine() -> str:
+    """Processor (or GPU), core count, torch version and thread count: where a number was measured."""
+    import platform
+
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                device = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+    return f"{device}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"

@@ -67,3 +67,13 @@ def test_library_batch_norm_equals_torch_batch_norm_in_value_and_gradient():
     ga = torch.autograd.grad((a ** 3).sum(), [x, ours.weight])
     gb = torch.autograd.grad((b ** 3).sum(), [x, theirs.weight])
     assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb))
+
+
+def test_benchmark_reports_record_the_machine(tmp_path, capsys):
+    from mmtl_lib.runtime import machine, run_seeds, save_report
+
+    results, seconds = run_seeds(lambda seed: seed * 2, 3)
+    assert results == [0, 2, 4] and seconds >= 0
+    save_report(str(tmp_path / "out" / "r.json"), {"x": 1})
+    report = __import__("json").loads((tmp_path / "out" / "r.json").read_text())
+    assert report == {"machine": machine(), "x": 1} and "torch" in report["machine"]
