@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import mmtl_lib
 from mmtl_lib import mmtl
-from mmtl_lib.runtime import run_seeds, save_report
+from mmtl_lib.runtime import check_arguments, run_seeds, save_report
 from mmtl_lib.train import Trainer
 
 METHODS = ("MMAML", "MAML", "MTL pretrain")
@@ -130,15 +130,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $MMTL_THREADS, else 1)")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     args = p.parse_args(argv)
-    for name in ("seeds", "iterations", "meta_batch_size", "k_shot", "n_query", "hidden", "layers",
-                 "encoder_hidden", "steps", "test_tasks"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        p.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    args.methods = methods
+    positive = ("seeds", "iterations", "meta_batch_size", "k_shot", "n_query", "hidden", "layers",
+                 "encoder_hidden", "steps", "test_tasks")
+    check_arguments(p, args, positive, METHODS)
     return args
 
 

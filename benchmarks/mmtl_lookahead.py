@@ -56,7 +56,7 @@ from torch import Tensor
 
 import mmtl_lib
 from mmtl_lib import mmtl
-from mmtl_lib.runtime import run_seeds, save_report
+from mmtl_lib.runtime import check_arguments, run_seeds, save_report
 
 GROUPS = {"primary": [0], "related": [1, 2, 3], "unrelated": [4, 5, 6], "noise": [7, 8, 9]}
 N_TASKS = 10
@@ -273,18 +273,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $MMTL_THREADS, else 1)")
     p.add_argument("--json", metavar="PATH", help="also write the results (and weight histories) here")
     args = p.parse_args(argv)
-    for name in ("seeds", "steps", "input_dim", "features", "hidden", "n_aux", "n_test", "log_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
+    check_arguments(p, args, ("seeds", "steps", "input_dim", "features", "hidden", "n_aux", "n_test", "log_every"),
+                    METHODS)
     if not 1 <= args.n_val < args.n_primary:
         p.error(f"--n-val = {args.n_val} is not allowed: it must be in [1, --n-primary = {args.n_primary})")
     if 2 * args.maml_shots > args.n_aux:
         p.error(f"--maml-shots = {args.maml_shots} needs 2 * shots <= --n-aux = {args.n_aux}")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        p.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    args.methods = methods
     return args
 
 

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 import mmtl_lib
 from mmtl_lib import mtl, mtl_data
-from mmtl_lib.runtime import save_report
+from mmtl_lib.runtime import check_arguments, save_report
 
 METHODS = ("EW", "UW", "GradNorm", "DWA", "PCGrad", "RLW", "STL")
 
@@ -236,14 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="Omniglot folder (default: $MMTL_DATA, else the user cache)")
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    for name in ("seeds", "steps", "image_size", "filters", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        p.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    args.methods = methods
+    positive = ("seeds", "steps", "image_size", "filters", "batch_size")
+    check_arguments(p, args, positive, METHODS)
     args.alphabets = [a.strip() for a in args.alphabets.split(",") if a.strip()]
     return args
 

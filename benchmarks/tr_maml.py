@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 import mmtl_lib
 from mmtl_lib import mmtl
-from mmtl_lib.runtime import run_seeds, save_report
+from mmtl_lib.runtime import check_arguments, run_seeds, save_report
 from mmtl_lib.train import Trainer
 
 METHODS = ("MAML", "TR-MAML", "MTL pretrain")
@@ -148,15 +148,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: $MMTL_THREADS, else 1)")
     p.add_argument("--json", metavar="PATH", help="also write the results here")
     args = p.parse_args(argv)
-    for name in ("seeds", "iterations", "meta_batch_size", "k_shot", "n_query", "steps", "test_steps",
-                 "test_tasks", "bins"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        p.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    args.methods = methods
+    positive = ("seeds", "iterations", "meta_batch_size", "k_shot", "n_query", "steps", "test_steps", "test_tasks",
+                "bins")
+    check_arguments(p, args, positive, METHODS)
     return args
 
 

@@ -75,3 +75,18 @@ def machine() -> str:
         except (OSError, StopIteration):
             pass
     return f"{device}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def check_arguments(parser, args, positive=(), methods=None) -> None:
+    """A benchmark's command-line checks: every name in ``positive`` must be >= 1, and a
+    comma-separated ``args.methods`` is split and checked against ``methods`` (in place).
+    A failure exits through ``parser.error`` with the option, its value and what is allowed."""
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
+    if methods is not None:
+        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in chosen if m not in methods]
+        if unknown or not chosen:
+            parser.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {', '.join(methods)}")
+        args.methods = chosen

@@ -77,3 +77,20 @@ def test_benchmark_reports_record_the_machine(tmp_path, capsys):
     save_report(str(tmp_path / "out" / "r.json"), {"x": 1})
     report = __import__("json").loads((tmp_path / "out" / "r.json").read_text())
     assert report == {"machine": machine(), "x": 1} and "torch" in report["machine"]
+
+
+def test_benchmark_argument_checks_name_the_option(capsys):
+    import argparse
+
+    from mmtl_lib.runtime import check_arguments
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--methods", default="EW,STL")
+    args = p.parse_args([])
+    check_arguments(p, args, ("seeds",), ("EW", "STL"))
+    assert args.methods == ["EW", "STL"]
+    for argv, message in ((["--seeds", "0"], "--seeds = 0 is not allowed"), (["--methods", "EW,X"], "unknown ['X']")):
+        with pytest.raises(SystemExit) as exit_info:
+            check_arguments(p, p.parse_args(argv), ("seeds",), ("EW", "STL"))
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
