@@ -1,39 +1,43 @@
 """Which 5-way 1-shot set-up learns most in a fixed CPU budget? (how the `cpu` preset was chosen)
 
-Each candidate is the `cpu` preset with some keys changed; each trains for ``--budget`` seconds
-of wall time on one thread and is then scored on ``--tasks`` test tasks (95% CI). It prints
-the iterations reached, tasks/s and accuracy, and the throughput ratio to the paper's set-up
-(Conv4-64 on 28x28, meta-batch 32) run in the same process.
+Each candidate is the `cpu` preset with some keys changed: the preset itself, the preset with one
+of its choices undone (an ablation), and the paper's set-up. Each trains for ``--budget`` seconds
+of wall time on one thread, exactly as the preset's trainer would (Adam, the cosine schedule over
+the budget, no validation), and is then scored on ``--tasks`` test tasks with a 95% CI. It prints
+the iterations reached, tasks/s and accuracy, and the throughput ratio to the paper's set-up run
+in the same process; ``--json`` writes it all, with the machine, for the Omniglot chapter.
 
-    python benchmarks/cpu_budget.py --budget 300            # about 30 minutes for all candidates
-    python benchmarks/cpu_budget.py --budget 60 --only paper,cpu
+    python benchmarks/cpu_budget.py --json results/cpu_budget.json   # 6 candidates, about 35 minutes
+    python benchmarks/cpu_budget.py --budget 60 --only cpu,paper
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
 
 from mmtl_lib import experiment
-from mmtl_lib.runtime import set_threads
-from mmtl_lib.train import Trainer, evaluate_learner
+from mmtl_lib.runtime import check_arguments, keep_freed_memory, save_report, set_threads
+from mmtl_lib.train import evaluate_learner
+
+PAPER = dict(image_size=28, filters=64, meta_batch_size=32, train_n_query=None, rotation="random",
+             head_init="torch", outer_lr=1e-3, schedule="constant")
+"""The MAML paper's 5-way 1-shot choices that the `cpu` preset changes."""
 
 CANDIDATES = {
-    "paper": dict(image_size=28, filters=64, meta_batch_size=32),
-    "conv64-28-mb8": dict(image_size=28, filters=64, meta_batch_size=8),
-    "conv32-28-mb8": dict(image_size=28, filters=32, meta_batch_size=8),
-    "conv16-28-mb8": dict(image_size=28, filters=16, meta_batch_size=8),
-    "cpu": dict(),
-    "cpu-lr1e-3": dict(outer_lr=1e-3, schedule="constant"),
-    "conv32-14-mb4": dict(meta_batch_size=4),
-    "conv64-14-mb8": dict(filters=64),
-    "fomaml-cpu": dict(algorithm="fomaml"),
-    "fomaml-conv64-28-mb8": dict(algorithm="fomaml", image_size=28, filters=64),
+    "cpu": {},
+    "15 query/class": dict(train_n_query=None),
+    "random rotations": dict(rotation="random"),
+    "PyTorch head init": dict(head_init="torch"),
+    "meta lr 1e-3": dict(outer_lr=1e-3, schedule="constant"),
+    "paper": PAPER,
+    "meta-batch 32": dict(meta_batch_size=32),
+    "Conv4-64, 28x28": dict(filters=64, image_size=28),
+    "first-order": dict(algorithm="fomaml"),
 }
+DEFAULT = "cpu,15 query/class,random rotations,PyTorch head init,meta lr 1e-3,paper"
 
 
 def run(name: str, overrides: dict, budget: float, tasks: int, seed: int) -> dict:
@@ -41,47 +45,51 @@ def run(name: str, overrides: dict, budget: float, tasks: int, seed: int) -> dic
     device = torch.device("cpu")
     samplers = experiment.samplers(config, device)
     learner = experiment.build_learner(config, device)
-    trainer = Trainer(learner, samplers["train"].sample, meta_batch_size=config["meta_batch_size"],
-                      outer_lr=config["outer_lr"], metric=experiment.metric_for(config), seed=seed)
+    trainer = experiment.build_trainer(config, learner, samplers, validate=False)
     trainer.fit(config["iterations"], time_budget=budget, progress=False)
     start = time.perf_counter()
-    result = evaluate_learner(learner, samplers["test"].sample, tasks=tasks, metric=experiment.metric_for(config))
+    result = evaluate_learner(learner, samplers["test"].sample, tasks=tasks, metric=experiment.metric_for(config),
+                              seed=seed)
     return {
-        "name": name, **overrides, "iterations": trainer.iteration, "train_seconds": round(trainer.elapsed, 1),
+        "name": name, "overrides": overrides, "iterations": trainer.iteration,
+        "train_seconds": round(trainer.elapsed, 1),
         "tasks_per_second": trainer.iteration * config["meta_batch_size"] / trainer.elapsed,
-        "accuracy": result["metric"], "ci95": result["ci95"], "eval_seconds": round(time.perf_counter() - start, 1),
+        "accuracy": result["metric"], "ci95": result["ci95"], "pre_adaptation_accuracy": result["pre_metric"],
+        "test_tasks": tasks, "test_steps": result["steps"], "eval_seconds": round(time.perf_counter() - start, 1),
     }
 
 
-def main() -> None:
+def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=float, default=300.0, help="training seconds per candidate")
-    p.add_argument("--tasks", type=int, default=600)
+    p.add_argument("--budget", type=float, default=300.0, help="training seconds per candidate (default: 300)")
+    p.add_argument("--tasks", type=int, default=600, help="test tasks per candidate (default: 600)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", help="comma-separated candidate names: " + ",".join(CANDIDATES))
+    p.add_argument("--only", default=DEFAULT, help=f"comma-separated candidates, from: {', '.join(CANDIDATES)} "
+                                                   f"(default: {DEFAULT})")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not args.budget > 0:
+        p.error(f"--budget = {args.budget} is not allowed: it must be > 0 seconds")
+    args.methods = args.only
+    check_arguments(p, args, positive=("tasks",), methods=list(CANDIDATES))
     set_threads()
-    names = args.only.split(",") if args.only else list(CANDIDATES)
-    unknown = [n for n in names if n not in CANDIDATES]
-    if unknown:
-        p.error(f"unknown candidates {unknown}; choose from {list(CANDIDATES)}")
-    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} thread(s), budget {args.budget:.0f} s per candidate")
-    rows = []
-    for name in names:
+    freed = keep_freed_memory()
+    budget_note = f"budget {args.budget:.0f} s per candidate, keep_freed_memory {'on' if freed else 'n/a'}"
+    print(f"{experiment.describe(experiment.preset('cpu'))}; {budget_note}")
+    start, rows = time.perf_counter(), []
+    for name in args.methods:
         row = run(name, CANDIDATES[name], args.budget, args.tasks, args.seed)
         rows.append(row)
-        print(f"{name:>16}: {row['iterations']:6d} it, {row['tasks_per_second']:6.1f} tasks/s, "
+        print(f"{name:>18}: {row['iterations']:6d} it, {row['tasks_per_second']:6.1f} tasks/s, "
               f"5-way 1-shot {100 * row['accuracy']:.1f} +- {100 * row['ci95']:.1f}%", flush=True)
     paper = next((r for r in rows if r["name"] == "paper"), None)
     if paper:
         for r in rows:
-            ratio = r["tasks_per_second"] / paper["tasks_per_second"]
-            print(f"{r['name']:>16}: {ratio:.1f}x the paper set-up's tasks/s")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            print(f"{r['name']:>18}: {r['tasks_per_second'] / paper['tasks_per_second']:.1f}x "
+                  "the paper set-up's tasks/s")
+    save_report(args.json, {"budget_seconds": args.budget, "seed": args.seed, "cpu_preset": experiment.preset("cpu"),
+                            "wall_minutes": round((time.perf_counter() - start) / 60, 1), "runs": rows})
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from mmtl_lib import experiment
 from mmtl_lib.__main__ import _hardware
 from mmtl_lib.runtime import default_device, set_threads
-from mmtl_lib.train import Trainer, evaluate_learner
+from mmtl_lib.train import evaluate_learner
 
 # Finn et al. 2017, Table 1; Nichol et al. 2018, Omniglot table (Reptile without transduction), in percent.
 PAPER = {
@@ -49,11 +49,7 @@ def run(name: str, device, time_budget, tasks: int, seed: int, tf32: bool) -> di
     config = experiment.preset(name, seed=seed, time_budget=time_budget, tf32=tf32)
     samplers = experiment.samplers(config, device)
     learner = experiment.build_learner(config, device, n_classes=samplers["train"].n_classes)
-    trainer = Trainer(
-        learner, samplers["train"].sample, meta_batch_size=config["meta_batch_size"], outer_lr=config["outer_lr"],
-        optimizer=config["optimizer"], schedule=config["schedule"], final_lr_fraction=config["final_lr_fraction"],
-        metric=experiment.metric_for(config), seed=seed, tf32=tf32,
-    )
+    trainer = experiment.build_trainer(config, learner, samplers, validate=False)
     trainer.fit(config["iterations"], time_budget=time_budget, progress=False)
     start = time.perf_counter()
     result = evaluate_learner(learner, samplers["test"].sample, tasks=tasks, metric=experiment.metric_for(config),

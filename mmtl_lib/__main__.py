@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from . import experiment
-from .runtime import default_device, set_threads
-from .train import Trainer, evaluate_learner, load_checkpoint
+from .runtime import default_device, keep_freed_memory, set_threads
+from .train import evaluate_learner, load_checkpoint
 
 
 class UsageError(Exception):
@@ -74,12 +74,7 @@ def train(args) -> dict:
     device = _device(args.device)
     samplers = experiment.samplers(config, device)
     learner = experiment.build_learner(config, device, n_classes=getattr(samplers["train"], "n_classes", None))
-    trainer = Trainer(
-        learner, samplers["train"].sample, meta_batch_size=config["meta_batch_size"], outer_lr=config["outer_lr"],
-        optimizer=config["optimizer"], schedule=config["schedule"], final_lr_fraction=config["final_lr_fraction"],
-        val_sample=samplers["val"].sample, val_every=config["val_every"], val_tasks=config["val_tasks"],
-        metric=experiment.metric_for(config), seed=config["seed"], amp=config["amp"], tf32=config["tf32"],
-    )
+    trainer = experiment.build_trainer(config, learner, samplers)
     out = Path(args.out or f"runs/{args.preset}")
     checkpoint = out / "checkpoint.pt"
     if args.resume:
@@ -163,6 +158,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
         set_threads(args.threads)
+        keep_freed_memory()  # about 20% more tasks/s on a CPU; see its docstring
         result = args.run(args)
     except (UsageError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from . import checks
 
 BATCH_NORM_MODES = ("transductive", "running", "none")
+HEAD_INITS = ("torch", "zeros")
 
 
 class BatchNorm(nn.Module):
@@ -100,6 +101,16 @@ class Conv4(nn.Module):
         statistics, so predictions for one query image depend on the others (transductive).
         ``"running"`` tracks running statistics (use the model in ``eval()`` mode to test with
         them); ``"none"`` drops BatchNorm.
+
+    ``head_init``:
+        ``"torch"`` (default) keeps PyTorch's initialisation of the linear head. ``"zeros"``
+        starts the head at zero, the zeroing trick of Kao et al. (ICLR 2022, "MAML is a noisy
+        contrastive learner in classification"): labels are permuted in every task, so whatever
+        the initial head says about class ``c`` is noise that the inner step must first undo.
+        From zero, one inner SGD step of size ``alpha`` on a balanced support set sets row ``c``
+        of the head to ``alpha / n_way * (mu_c - mu)``, where ``mu_c`` is the mean feature of
+        class ``c``'s support images and ``mu`` that of all of them, and leaves the bias at zero:
+        a prototype classifier (``tests/test_tasks_models.py`` checks this).
     """
 
     def __init__(
@@ -110,9 +121,11 @@ class Conv4(nn.Module):
         filters: int = 64,
         image_size: int = 28,
         batch_norm: str = "transductive",
+        head_init: str = "torch",
     ):
         super().__init__()
         checks.one_of("batch_norm", batch_norm, BATCH_NORM_MODES)
+        checks.one_of("head_init", head_init, HEAD_INITS)
         filters = checks.positive_int("filters", filters)
         size = checks.positive_int("image_size", image_size)
         blocks = []
@@ -123,6 +136,9 @@ class Conv4(nn.Module):
             channels, size = filters, size // 2 if pool else size
         self.body = nn.Sequential(*blocks, nn.Flatten())
         self.head = nn.Linear(filters * size * size, checks.positive_int("n_way", n_way))
+        if head_init == "zeros":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[batch, in_channels, image_size, image_size]`` -> logits ``[batch, n_way]``."""

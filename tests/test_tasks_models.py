@@ -94,3 +94,22 @@ def test_benchmark_argument_checks_name_the_option(capsys):
         with pytest.raises(SystemExit) as exit_info:
             check_arguments(p, p.parse_args(argv), ("seeds",), ("EW", "STL"))
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_zero_head_takes_one_inner_step_to_a_prototype_classifier():
+    torch.manual_seed(0)
+    n_way, k_shot, alpha = 5, 2, 0.4
+    model = ml.Conv4(n_way, filters=8, image_size=14, head_init="zeros").double()
+    assert not model.head.weight.any() and not model.head.bias.any()
+    x = torch.randn(n_way * k_shot, 1, 14, 14, dtype=torch.float64)
+    y = torch.arange(n_way).repeat_interleave(k_shot)
+    params = dict(model.named_parameters())
+    adapted = ml.adapt(model, params, (x, y), torch.nn.functional.cross_entropy, steps=1, inner_lr=alpha)
+    features = model.body(x).detach()
+    mu_c = features.view(n_way, k_shot, -1).mean(1)
+    expected = alpha / n_way * (mu_c - features.mean(0))
+    torch.testing.assert_close(adapted["head.weight"], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(adapted["head.bias"], torch.zeros(n_way, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(adapted["body.0.0.weight"], params["body.0.0.weight"])  # no signal reaches the body
+    with pytest.raises(ValueError, match="head_init"):
+        ml.Conv4(5, head_init="small")

@@ -138,3 +138,52 @@ def test_schedule_anneals_over_the_time_budget():
     trainer.fit(10**6, time_budget=0.5, progress=False)
     lr = trainer.optimizer.param_groups[0]["lr"]
     assert trainer.iteration < 10**6 and lr < 0.2 * trainer.outer_lr
+
+
+def test_build_trainer_runs_the_configured_outer_loop():
+    config = experiment.preset("sinusoid", schedule="cosine", final_lr_fraction=0.1, optimizer="sgd", outer_lr=0.5)
+    samplers = experiment.samplers(config, torch.device("cpu"))
+    learner = experiment.build_learner(config, torch.device("cpu"))
+    trainer = experiment.build_trainer(config, learner, samplers)
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.val_sample == samplers["val"].sample
+    assert (trainer.schedule, trainer.final_lr_fraction, trainer.outer_lr) == ("cosine", 0.1, 0.5)
+    assert experiment.build_trainer(config, learner, samplers, validate=False).val_sample is None
+
+
+def test_train_shots_and_queries_size_training_tasks_only():
+    config = experiment.preset("sinusoid", k_shot=5, n_query=7, train_k_shot=3, train_n_query=2)
+    samplers = experiment.samplers(config, torch.device("cpu"))
+    train, test = samplers["train"].sample(4), samplers["test"].sample(4)
+    assert train.support[0].shape[1] == 3 and train.query[0].shape[1] == 2
+    assert test.support[0].shape[1] == 5 and test.query[0].shape[1] == 7
+    with pytest.raises(ValueError, match="train_n_query"):
+        experiment.preset("cpu", train_n_query=0)
+    with pytest.raises(ValueError, match="head_init"):
+        experiment.preset("cpu", head_init="ones")
+
+
+def test_keep_freed_memory_applies_on_linux_glibc():
+    import platform
+
+    from mmtl_lib.runtime import keep_freed_memory
+
+    applied = keep_freed_memory()
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+@needs_omniglot
+def test_cpu_budget_benchmark_trains_scores_and_reports(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setenv("MMTL_DATA", str(DATA))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cpu_budget
+
+    out = tmp_path / "budget.json"
+    rows = cpu_budget.main(["--budget", "1", "--tasks", "5", "--only", "cpu", "--json", str(out)])
+    assert rows[0]["iterations"] > 0 and 0 <= rows[0]["accuracy"] <= 1
+    assert json.loads(out.read_text())["runs"][0]["name"] == "cpu"
+    with pytest.raises(SystemExit):
+        cpu_budget.main(["--only", "cpu,fastest"])
+    assert "'fastest'" in capsys.readouterr().err
+    sys.modules.pop("cpu_budget")
