@@ -104,9 +104,10 @@ class Conv4(nn.Module):
 
     ``head_init``:
         ``"torch"`` (default) keeps PyTorch's initialisation of the linear head. ``"zeros"``
-        starts the head at zero, the zeroing trick of Kao et al. (ICLR 2022, "MAML is a noisy
-        contrastive learner in classification"): labels are permuted in every task, so whatever
-        the initial head says about class ``c`` is noise that the inner step must first undo.
+        starts the head at zero, after the zeroing trick of Kao et al. (ICLR 2022, "MAML is a
+        noisy contrastive learner in classification"), who re-zero it before every outer step:
+        labels are permuted in every task, so whatever the initial head says about class ``c``
+        is noise that the inner step must first undo.
         From zero, one inner SGD step of size ``alpha`` on a balanced support set sets row ``c``
         of the head to ``alpha / n_way * (mu_c - mu)``, where ``mu_c`` is the mean feature of
         class ``c``'s support images and ``mu`` that of all of them, and leaves the bias at zero:
