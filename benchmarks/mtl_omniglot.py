@@ -51,7 +51,6 @@ import argparse
 import copy
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -62,7 +61,7 @@ from torch import Tensor, nn
 
 import mmtl_lib
 from mmtl_lib import mtl, mtl_data
-from mmtl_lib.runtime import check_arguments, save_report
+from mmtl_lib.runtime import check_arguments, processor, save_report
 
 METHODS = ("EW", "UW", "GradNorm", "DWA", "PCGrad", "RLW", "STL")
 
@@ -205,17 +204,6 @@ def print_table(summary: dict[str, dict], names: list[str], args) -> None:
     print(f"mean +- std over {args.seeds} seed(s); {args.steps} steps of {args.batch_size} images per task.")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -254,7 +242,7 @@ def main(argv=None) -> dict:
     print(f"{len(tasks)} alphabets ({sum(len(t.characters) for t in tasks.values())} characters), "
           f"{args.image_size}px, drawers 0-14 train / 15-19 test; Conv4 trunk with {args.filters} filters; "
           f"{args.steps} Adam steps (lr {args.lr:g}) of {args.batch_size} images per task; {args.seeds} seed(s); "
-          f"torch {torch.__version__}, {threads} thread(s), {cpu_name()}")
+          f"torch {torch.__version__}, {threads} thread(s), {processor('cpu')}")
     start = time.perf_counter()
     per_seed = []
     for seed in range(args.seeds):
@@ -269,7 +257,7 @@ def main(argv=None) -> dict:
         "args": {k: v for k, v in vars(args).items() if k not in ("json", "data")},
         "alphabets": {t: len(task.characters) for t, task in tasks.items()},
         "torch": torch.__version__, "python": sys.version.split()[0], "threads": threads,
-        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat(),
+        "cpu": processor("cpu"), "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat(),
         "total_seconds": total, "summary": summary, "per_seed": per_seed,
     }
     save_report(args.json, report)

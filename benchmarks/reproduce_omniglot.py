@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from mmtl_lib import experiment
-from mmtl_lib.__main__ import _hardware
-from mmtl_lib.runtime import default_device, set_threads
+from mmtl_lib.runtime import default_device, machine, set_threads
 from mmtl_lib.train import evaluate_learner
 
 # Finn et al. 2017, Table 1; Nichol et al. 2018, Omniglot table (Reptile without transduction), in percent.
@@ -59,7 +58,7 @@ def run(name: str, device, time_budget, tasks: int, seed: int, tf32: bool) -> di
         "ci95": result["ci95"], "pre_adaptation_accuracy": result["pre_metric"], "tasks": tasks,
         "test_steps": result["steps"], "iterations": trainer.iteration, "paper_iterations": config["iterations"],
         "train_seconds": round(trainer.elapsed, 1), "eval_seconds": round(time.perf_counter() - start, 1),
-        "paper_accuracy": PAPER.get(name), "hardware": _hardware(device), "torch": torch.__version__,
+        "paper_accuracy": PAPER.get(name), "hardware": machine(device), "torch": torch.__version__,
         "commit": commit(), "seed": seed, "tf32": tf32,
     }
 

@@ -23,8 +23,6 @@ import argparse
 import contextlib
 import copy
 import io
-import os
-import platform
 import statistics
 import sys
 import time
@@ -39,7 +37,7 @@ from torch.func import functional_call
 
 import mmtl_lib
 from mmtl_lib import TaskBatch
-from mmtl_lib.runtime import save_report
+from mmtl_lib.runtime import processor, save_report
 
 N_WAY, K_SHOT, IMAGE_SIZE = 5, 1, 28
 REFERENCE = "torch.func loop"
@@ -213,16 +211,6 @@ def time_iterations(runner: Runner, tasks: TaskBatch, iters: int, device: torch.
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical cores"
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -290,7 +278,7 @@ def main(argv=None) -> dict:
     initial = mmtl_lib.Conv4(N_WAY, filters=args.filters).to(device)
     tasks = omniglot_shaped_batch(args.meta_batch_size, args.n_query, mmtl_lib.generator(args.seed), device)
 
-    print(f"device   {device.type}: {device_name(device)}")
+    print(f"device   {device.type}: {processor(device)}")
     print(f"torch    {torch.__version__}, {threads} thread(s)"
           + (f", CUDA {torch.version.cuda}, TF32 {'on' if args.tf32 else 'off'}" if cuda else ""))
     print(f"workload {N_WAY}-way {K_SHOT}-shot, {N_WAY * args.n_query} query images per task, Conv4 with "
@@ -385,7 +373,7 @@ def main(argv=None) -> dict:
               "tasks/s on a shared machine; CPU/wall below 100% x threads: the process waited for a core")
 
     report = {
-        "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
+        "device": device.type, "device_name": processor(device), "torch": torch.__version__,
         "python": sys.version.split()[0], "threads": threads, "tf32": args.tf32 if cuda else None,
         "meta_batch_size": args.meta_batch_size, "steps": args.steps, "filters": args.filters,
         "n_way": N_WAY, "k_shot": K_SHOT, "n_query_per_class": args.n_query, "inner_lr": args.inner_lr,

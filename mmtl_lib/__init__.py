@@ -31,7 +31,7 @@ from .data import (
 )
 from .inner import adapt, forward
 from .models import MLP, Conv4, head_names
-from .runtime import default_device, generator, keep_freed_memory, set_threads
+from .runtime import default_device, generator, keep_freed_memory, machine, processor, set_threads
 from .tasks import Sinusoid, TaskBatch
 
 __version__ = "0.1.0"
@@ -39,8 +39,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MAML", "MLP", "Conv4", "JointTraining", "Learner", "Reptile", "Scratch", "Sinusoid",
     "TaskBatch", "accuracy", "adapt", "anil", "default_device", "evaluate", "first_order_maml",
-    "forward", "gaussian_ci95", "generator", "head_names", "keep_freed_memory", "meta_loss", "meta_sgd",
-    "reptile_adapt", "reptile_meta_gradient", "set_threads",
+    "forward", "gaussian_ci95", "generator", "head_names", "keep_freed_memory", "machine", "meta_loss",
+    "meta_sgd", "processor", "reptile_adapt", "reptile_meta_gradient", "set_threads",
     "EpisodeSampler", "OmniglotImages", "OmniglotNotFoundError", "load_omniglot", "omniglot_split",
     "omniglot_tasks", "mmtl", "mtl",
 ]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import experiment
-from .runtime import default_device, keep_freed_memory, set_threads
+from .runtime import default_device, keep_freed_memory, machine, set_threads
 from .train import evaluate_learner, load_checkpoint
 
 
@@ -56,12 +55,6 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name!r}: CUDA is not available on this machine")
     return device
-
-
-def _hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"
 
 
 def train(args) -> dict:
@@ -103,7 +96,7 @@ def _summary(config, result, iterations, seconds, device) -> dict:
         f"pre_adaptation_{name}": result["pre_metric"],
         "n_way": config["n_way"], "k_shot": config["k_shot"], "tasks": result["tasks"], "steps": result["steps"],
         "iterations": iterations, "train_seconds": round(seconds, 1),
-        "hardware": _hardware(device), "torch": torch.__version__,
+        "hardware": machine(device), "torch": torch.__version__,
     }
 
 

@@ -90,20 +90,25 @@ def save_report(path: str | None, report: dict) -> None:
     print(f"wrote {path}")
 
 
-def machine() -> str:
-    """Processor (or GPU), core count, torch version and thread count: where a number was measured."""
-    import platform
+def processor(device: torch.device | str | None = None) -> str:
+    """The GPU's name for a CUDA ``device`` (``None``: CUDA when present), else the CPU's model name."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):  # not Linux, or a kernel that names no model
+        import platform
 
-    if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                device = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-    return f"{device}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+        return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device | str | None = None) -> str:
+    """Processor (or GPU), core count, torch version and thread count: where a number was measured."""
+    return (f"{processor(device)}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s)")
 
 
 def check_arguments(parser, args, positive=(), methods=None) -> None:

@@ -79,6 +79,27 @@ def test_benchmark_reports_record_the_machine(tmp_path, capsys):
     assert report == {"machine": machine(), "x": 1} and "torch" in report["machine"]
 
 
+def test_processor_names_the_cpu_model_from_proc_cpuinfo(monkeypatch):
+    import builtins
+    import io
+    import platform
+
+    cpuinfo = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU @ 2.0GHz\n"
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if path == "/proc/cpuinfo":
+            return io.StringIO(cpuinfo)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert ml.processor("cpu") == "Example CPU @ 2.0GHz"
+    assert ml.machine("cpu").startswith("Example CPU @ 2.0GHz, ")
+    assert f"{torch.get_num_threads()} thread(s)" in ml.machine("cpu")
+    cpuinfo = "processor\t: 0\n"  # some kernels (ARM) name no model: fall back to the platform's name
+    assert ml.processor("cpu") == (platform.processor() or platform.machine())
+
+
 def test_benchmark_argument_checks_name_the_option(capsys):
     import argparse
 
