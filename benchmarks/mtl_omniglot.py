@@ -233,6 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = mmtl_lib.set_threads(args.threads)
+    cpu = processor("cpu")
     data = mmtl_lib.load_omniglot(args.data, image_size=args.image_size)
     tasks = mtl_data.alphabet_tasks(data.images, data.characters, args.alphabets)
     smallest = min(len(task.train[1]) for task in tasks.values())
@@ -242,7 +243,7 @@ def main(argv=None) -> dict:
     print(f"{len(tasks)} alphabets ({sum(len(t.characters) for t in tasks.values())} characters), "
           f"{args.image_size}px, drawers 0-14 train / 15-19 test; Conv4 trunk with {args.filters} filters; "
           f"{args.steps} Adam steps (lr {args.lr:g}) of {args.batch_size} images per task; {args.seeds} seed(s); "
-          f"torch {torch.__version__}, {threads} thread(s), {processor('cpu')}")
+          f"torch {torch.__version__}, {threads} thread(s), {cpu}")
     start = time.perf_counter()
     per_seed = []
     for seed in range(args.seeds):
@@ -257,7 +258,7 @@ def main(argv=None) -> dict:
         "args": {k: v for k, v in vars(args).items() if k not in ("json", "data")},
         "alphabets": {t: len(task.characters) for t, task in tasks.items()},
         "torch": torch.__version__, "python": sys.version.split()[0], "threads": threads,
-        "cpu": processor("cpu"), "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat(),
+        "cpu": cpu, "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat(),
         "total_seconds": total, "summary": summary, "per_seed": per_seed,
     }
     save_report(args.json, report)
