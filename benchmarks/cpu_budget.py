@@ -13,14 +13,12 @@ in the same process; ``--json`` writes it all, with the machine, for the Omniglo
 
 from __future__ import annotations
 
-import argparse
 import time
 
+import common
 import torch
 
-from mmtl_lib import experiment
-from mmtl_lib.runtime import check_arguments, keep_freed_memory, save_report, set_threads
-from mmtl_lib.train import evaluate_learner
+import mmtl_lib as ml
 
 PAPER = dict(image_size=28, filters=64, meta_batch_size=32, train_n_query=None, rotation="random",
              head_init="torch", outer_lr=1e-3, schedule="constant")
@@ -41,26 +39,26 @@ DEFAULT = "cpu,15 query/class,random rotations,PyTorch head init,meta lr 1e-3,pa
 
 
 def run(name: str, overrides: dict, budget: float, tasks: int, seed: int) -> dict:
-    config = experiment.preset("cpu", time_budget=budget, seed=seed, **overrides)
+    config = ml.preset("cpu", time_budget=budget, seed=seed, **overrides)
     device = torch.device("cpu")
-    samplers = experiment.samplers(config, device)
-    learner = experiment.build_learner(config, device)
-    trainer = experiment.build_trainer(config, learner, samplers, validate=False)
-    trainer.fit(config["iterations"], time_budget=budget, progress=False)
+    samplers = ml.samplers(config, device)
+    learner = ml.build_learner(config, device)
+    trainer = ml.build_trainer(config, learner, samplers, validate=False)
+    trainer.fit(config.iterations, time_budget=budget, progress=False)
     start = time.perf_counter()
-    result = evaluate_learner(learner, samplers["test"].sample, tasks=tasks, metric=experiment.metric_for(config),
-                              seed=seed)
+    result = ml.evaluate(learner, samplers["test"], n_tasks=tasks, metric=config.metric(), seed=seed).summary()
     return {
         "name": name, "overrides": overrides, "iterations": trainer.iteration,
         "train_seconds": round(trainer.elapsed, 1),
-        "tasks_per_second": trainer.iteration * config["meta_batch_size"] / trainer.elapsed,
+        "tasks_per_second": trainer.iteration * config.meta_batch_size / trainer.elapsed,
         "accuracy": result["metric"], "ci95": result["ci95"], "pre_adaptation_accuracy": result["pre_metric"],
-        "test_tasks": tasks, "test_steps": result["steps"], "eval_seconds": round(time.perf_counter() - start, 1),
+        "test_tasks": tasks, "test_inner_steps": result["inner_steps"],
+        "eval_seconds": round(time.perf_counter() - start, 1),
     }
 
 
 def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--budget", type=float, default=300.0, help="training seconds per candidate (default: 300)")
     p.add_argument("--tasks", type=int, default=600, help="test tasks per candidate (default: 600)")
     p.add_argument("--seed", type=int, default=0)
@@ -70,14 +68,13 @@ def main(argv=None) -> list[dict]:
     args = p.parse_args(argv)
     if not args.budget > 0:
         p.error(f"--budget = {args.budget} is not allowed: it must be > 0 seconds")
-    args.methods = args.only
-    check_arguments(p, args, positive=("tasks",), methods=list(CANDIDATES))
-    set_threads()
-    freed = keep_freed_memory()
+    common.check_arguments(p, args, positive=("tasks",), methods=list(CANDIDATES), option="only")
+    ml.set_threads()
+    freed = ml.keep_freed_memory()
     budget_note = f"budget {args.budget:.0f} s per candidate, keep_freed_memory {'on' if freed else 'n/a'}"
-    print(f"{experiment.describe(experiment.preset('cpu'))}; {budget_note}")
+    print(f"{ml.preset('cpu').describe()}; {budget_note}")
     start, rows = time.perf_counter(), []
-    for name in args.methods:
+    for name in args.only:
         row = run(name, CANDIDATES[name], args.budget, args.tasks, args.seed)
         rows.append(row)
         print(f"{name:>18}: {row['iterations']:6d} it, {row['tasks_per_second']:6.1f} tasks/s, "
@@ -87,8 +84,9 @@ def main(argv=None) -> list[dict]:
         for r in rows:
             print(f"{r['name']:>18}: {r['tasks_per_second'] / paper['tasks_per_second']:.1f}x "
                   "the paper set-up's tasks/s")
-    save_report(args.json, {"budget_seconds": args.budget, "seed": args.seed, "cpu_preset": experiment.preset("cpu"),
-                            "wall_minutes": round((time.perf_counter() - start) / 60, 1), "runs": rows})
+    common.save_report(args.json, {"budget_seconds": args.budget, "seed": args.seed,
+                                   "cpu_preset": ml.preset("cpu").to_dict(),
+                                   "wall_minutes": round((time.perf_counter() - start) / 60, 1), "runs": rows})
     return rows
 
 

@@ -12,14 +12,14 @@ A primary regression task with ``--n-primary`` examples and nine auxiliary tasks
 * noise (tasks 7-9): ``y ~ N(0, 1)``, independent of ``x``.
 
 Readouts are scaled so every target has variance ~1; the noise has standard deviation
-``--noise``. Every method trains for ``--steps`` full-batch Adam steps from the same initial
+``--noise``. Every method trains for ``--train-steps`` full-batch Adam steps from the same initial
 network and is scored by the primary task's MSE on ``--n-test`` fresh inputs (noise-free targets):
 
 * ``single-task``: the primary task alone;
 * ``equal``: all ten tasks, equal weights;
 * ``MAML + fine-tune``: MAML (``mmtl_lib.MAML``, one output) meta-trained on the nine auxiliary
   tasks as a task distribution, then fine-tuned on the primary task with Adam as single-task;
-* ``learned k=1``, ``learned k=3``: Auto-Lambda's weights (:class:`mmtl_lib.mmtl.LookaheadWeights`)
+* ``learned k=1``, ``learned k=3``: Auto-Lambda's weights (:class:`mmtl_lib.LookaheadWeights`)
   from a ``k``-step lookahead. The primary task's examples are split: ``--n-val`` held out for
   the lookahead's loss, the rest trained on. All weights start at ``--init-weight``;
 * ``learned k=... + refit``: the same initial network trained again, on all the primary task's
@@ -44,19 +44,16 @@ lose the held-out examples; refitting recovers them.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
-import sys
 import time
 
+import common
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import mmtl_lib
-from mmtl_lib import mmtl
-from mmtl_lib.runtime import check_arguments, run_seeds, save_report
+import mmtl_lib as ml
 
 GROUPS = {"primary": [0], "related": [1, 2, 3], "unrelated": [4, 5, 6], "noise": [7, 8, 9]}
 N_TASKS = 10
@@ -66,7 +63,7 @@ METHODS = ("single-task", "equal", "MAML + fine-tune", "learned k=1", "learned k
 def make_problem(args, seed: int) -> dict:
     """One seed's data: per task ``x`` ``[n, d]``, ``y`` ``[n]``, ``task`` ``[n]``; the primary
     task's test set ``(x [n_test, d], y [n_test])`` with noise-free targets."""
-    g = mmtl_lib.generator(seed)
+    g = ml.generator(seed)
     d, m = args.input_dim, args.features
     teachers = [(torch.randn(m, d, generator=g), torch.randn(m, generator=g)) for _ in range(2)]
 
@@ -100,7 +97,7 @@ def batch(problem: dict, tasks: list[int], primary: slice = slice(None)) -> tupl
     x = torch.cat([problem["x"][t][primary if t == 0 else slice(None)] for t in tasks])
     y = torch.cat([problem["y"][t][primary if t == 0 else slice(None)] for t in tasks])
     task = torch.cat([problem["task"][t][primary if t == 0 else slice(None)] for t in tasks])
-    return x, mmtl.pack_targets(y, task, N_TASKS)
+    return x, ml.pack_targets(y, task, N_TASKS)
 
 
 def test_mse(model, problem, column: int = 0) -> float:
@@ -110,48 +107,48 @@ def test_mse(model, problem, column: int = 0) -> float:
 
 
 def train_weighted(model, data, weights, args, lookahead=None, val=None) -> tuple[list, Tensor | None]:
-    """Full-batch Adam on ``sum_t weights_t L_t`` over ``data``, ``--steps`` steps. With a
+    """Full-batch Adam on ``sum_t weights_t L_t`` over ``data``, ``--train-steps`` steps. With a
     :class:`LookaheadWeights` the weights take their lookahead step first, every step, and the
     result is (weights every ``--log-every`` steps, their mean over all steps)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     params = dict(model.named_parameters())
     history, total = [], 0
-    for step in range(args.steps):
+    for iteration in range(args.train_steps):
         if lookahead is not None:
             lookahead.update(model, params, data, val)
             total = total + lookahead.weights.detach()
-            if step % args.log_every == 0:
+            if iteration % args.log_every == 0:
                 history.append(lookahead.weights.detach().tolist())
-        loss_fn = lookahead.loss_fn() if lookahead is not None else mmtl.weighted_loss(weights)
+        loss_fn = lookahead.loss_fn() if lookahead is not None else ml.weighted_loss(weights)
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(data[0]), data[1]).backward()
         optimizer.step()
-    return history, (total / args.steps if lookahead is not None else None)
+    return history, (total / args.train_steps if lookahead is not None else None)
 
 
 def maml_then_fine_tune(problem, args, seed: int) -> float:
     """MAML on the auxiliary tasks (support and query drawn from each task's data), then Adam
     on the primary task from the meta-learned initialisation."""
     torch.manual_seed(seed)
-    model = mmtl_lib.MLP(args.input_dim, (args.hidden,) * 2, 1)
-    learner = mmtl_lib.MAML(model, F.mse_loss, inner_lr=args.maml_inner_lr, steps=args.maml_steps,
-                            backend="vmap")
+    model = ml.MLP(args.input_dim, (args.hidden,) * 2, 1)
+    learner = ml.MAML(model, F.mse_loss, inner_lr=args.maml_inner_lr, inner_steps=args.maml_inner_steps,
+                      backend="vmap")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = mmtl_lib.generator(seed + 1)
+    g = ml.generator(seed + 1)
     aux = torch.arange(1, N_TASKS)
     k = args.maml_shots
-    for _ in range(args.steps):
+    for _ in range(args.train_steps):
         ids = aux[torch.randint(len(aux), (args.maml_batch,), generator=g)]
         rows = [torch.randperm(args.n_aux, generator=g)[: 2 * k] for _ in ids]
         x = torch.stack([problem["x"][t][r] for t, r in zip(ids.tolist(), rows)])
         y = torch.stack([problem["y"][t][r] for t, r in zip(ids.tolist(), rows)])[..., None]
-        tasks = mmtl_lib.TaskBatch((x[:, :k], y[:, :k]), (x[:, k:], y[:, k:]))
+        tasks = ml.TaskBatch((x[:, :k], y[:, :k]), (x[:, k:], y[:, k:]))
         optimizer.zero_grad(set_to_none=True)
         learner.meta_backward(tasks)
         optimizer.step()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     x, y = problem["x"][0], problem["y"][0][:, None]
-    for _ in range(args.steps):
+    for _ in range(args.train_steps):
         optimizer.zero_grad(set_to_none=True)
         F.mse_loss(model(x), y).backward()
         optimizer.step()
@@ -163,7 +160,7 @@ def maml_then_fine_tune(problem, args, seed: int) -> float:
 def run_seed(args, seed: int) -> dict:
     problem = make_problem(args, seed)
     torch.manual_seed(seed)
-    initial = mmtl_lib.MLP(args.input_dim, (args.hidden,) * 2, N_TASKS)
+    initial = ml.MLP(args.input_dim, (args.hidden,) * 2, N_TASKS)
     everything = list(range(N_TASKS))
     n_train = args.n_primary - args.n_val
     out = {"mse": {}, "final_weights": {}, "mean_weights": {}, "weight_history": {}, "seconds": {}}
@@ -181,8 +178,8 @@ def run_seed(args, seed: int) -> dict:
         if method == "MAML + fine-tune":
             out["mse"][method] = maml_then_fine_tune(problem, args, seed)
         elif method.startswith("learned"):
-            lookahead = mmtl.LookaheadWeights(N_TASKS, init=args.init_weight, lr=args.weight_lr,
-                                              steps=int(method.split("=")[1]), inner_lr=args.lookahead_lr)
+            lookahead = ml.LookaheadWeights(N_TASKS, init=args.init_weight, lr=args.weight_lr,
+                                            inner_steps=int(method.split("=")[1]), inner_lr=args.lookahead_lr)
             model = copy.deepcopy(initial)
             history, mean = train_weighted(model, batch(problem, everything, slice(0, n_train)), None, args,
                                            lookahead, val=batch(problem, [0], slice(n_train, None)))
@@ -201,55 +198,44 @@ def run_seed(args, seed: int) -> dict:
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(per_seed: list[dict]) -> dict:
     rows = list(per_seed[0]["mse"])
     rivals = [r for r in rows if r != "oracle"]
     summary = {}
     for row in rows:
-        entry = {"mse": mean_std([s["mse"][row] for s in per_seed]),
-                 "seconds": mean_std([s["seconds"][row] for s in per_seed]),
+        entry = {"mse": common.mean_std([s["mse"][row] for s in per_seed]),
+                 "seconds": common.mean_std([s["seconds"][row] for s in per_seed]),
                  "best": None if row == "oracle" else
                  sum(s["mse"][row] <= min(s["mse"][r] for r in rivals) for s in per_seed)}
         for kind in ("final_weights", "mean_weights"):
             if row in per_seed[0][kind]:
                 for group, ids in GROUPS.items():
-                    entry[f"{kind}_{group}"] = mean_std([statistics.fmean(s[kind][row][i] for i in ids)
+                    entry[f"{kind}_{group}"] = common.mean_std([statistics.fmean(s[kind][row][i] for i in ids)
                                                          for s in per_seed])
         summary[row] = entry
     return summary
 
 
 def print_table(summary: dict, seeds: int) -> None:
-    def cell(pair, fmt=".3f"):
-        return f"{format(pair[0], fmt)} +- {format(pair[1], fmt)}"
-
-    header = f"{'method':<24} {'primary test MSE':>18} {'best of non-oracle':>19} {'time s':>12}"
-    print(header)
-    print("-" * len(header))
+    common.print_header(f"{'method':<24} {'primary test MSE':>18} {'best of non-oracle':>19} {'time s':>12}")
     for row, entry in summary.items():
         best = "-" if entry["best"] is None else f"{entry['best']}/{seeds} seeds"
-        print(f"{row:<24} {cell(entry['mse']):>18} {best:>19} {cell(entry['seconds'], '.1f'):>12}")
+        print(f"{row:<24} {common.cell(entry['mse']):>18} {best:>19} {common.cell(entry['seconds'], '.1f'):>12}")
     learned = [r for r in summary if "final_weights_noise" in summary[r]]
     for kind in ("final", "mean"):
         if learned:
             print()
             print(f"{kind + ' weights':<24}" + "".join(f" {g:>15}" for g in GROUPS))
             for row in learned:
-                print(f"{row:<24}" + "".join(f" {cell(summary[row][f'{kind}_weights_{g}'], '.2f'):>15}"
+                print(f"{row:<24}" + "".join(f" {common.cell(summary[row][f'{kind}_weights_{g}'], '.2f'):>15}"
                                              for g in GROUPS))
     print(f"mean +- std over {seeds} seed(s); weights: mean over the tasks of a group, at the end of training "
           "(final) and averaged over its steps (mean, used by '+ refit').")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=600, help="Adam steps (and MAML meta-iterations)")
+def parse_args(argv=None):
+    p = common.parser(__doc__, METHODS)
+    p.add_argument("--train-steps", type=int, default=600, help="Adam steps (and MAML meta-iterations)")
     p.add_argument("--input-dim", type=int, default=4)
     p.add_argument("--features", type=int, default=8, help="m, the teachers' hidden units")
     p.add_argument("--hidden", type=int, default=32, help="width of the two shared layers")
@@ -265,16 +251,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-lr", type=float, default=0.01, help="Adam's learning rate for the weights")
     p.add_argument("--lookahead-lr", type=float, default=0.1, help="alpha, the lookahead's SGD step")
     p.add_argument("--maml-inner-lr", type=float, default=0.05)
-    p.add_argument("--maml-steps", type=int, default=1)
+    p.add_argument("--maml-inner-steps", type=int, default=1)
     p.add_argument("--maml-shots", type=int, default=10, help="support (and query) examples per MAML task")
     p.add_argument("--maml-batch", type=int, default=9, help="tasks per MAML meta-batch")
     p.add_argument("--log-every", type=int, default=10, help="record the learned weights every this many steps")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: $MMTL_THREADS, else 1)")
-    p.add_argument("--json", metavar="PATH", help="also write the results (and weight histories) here")
     args = p.parse_args(argv)
-    check_arguments(p, args, ("seeds", "steps", "input_dim", "features", "hidden", "n_aux", "n_test", "log_every"),
-                    METHODS)
+    positive = ("seeds", "train_steps", "input_dim", "features", "hidden", "n_aux", "n_test", "maml_inner_steps",
+                "maml_shots", "maml_batch", "log_every")
+    common.check_arguments(p, args, positive, METHODS)
     if not 1 <= args.n_val < args.n_primary:
         p.error(f"--n-val = {args.n_val} is not allowed: it must be in [1, --n-primary = {args.n_primary})")
     if 2 * args.maml_shots > args.n_aux:
@@ -285,20 +269,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     """Run the benchmark with command-line arguments ``argv``; print the table, return the report."""
     args = parse_args(argv)
-    threads = mmtl_lib.set_threads(args.threads)
-    print(f"primary: {args.n_primary} examples ({args.n_val} held out for the lookahead); 9 auxiliary tasks of "
-          f"{args.n_aux}; MLP({args.input_dim}, ({args.hidden}, {args.hidden}), {N_TASKS}); {args.steps} steps; "
-          f"{args.seeds} seed(s); torch {torch.__version__}, {threads} thread(s)")
-    per_seed, total = run_seeds(lambda seed: run_seed(args, seed), args.seeds)
-    summary = summarise(per_seed)
-    print()
-    print_table(summary, args.seeds)
-    print(f"total wall time {total:.0f} s")
-    report = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "torch": torch.__version__,
-              "python": sys.version.split()[0], "threads": threads, "total_seconds": total,
-              "groups": GROUPS, "summary": summary, "per_seed": per_seed}
-    save_report(args.json, report)
-    return report
+    threads = common.start(args, f"primary: {args.n_primary} examples ({args.n_val} held out for the lookahead); "
+                                 f"9 auxiliary tasks of {args.n_aux}; MLP({args.input_dim}, ({args.hidden}, "
+                                 f"{args.hidden}), {N_TASKS}); {args.train_steps} Adam steps")
+    per_seed, total = common.run_seeds(lambda seed: run_seed(args, seed), args.seeds)
+    return common.finish(args, threads, total, summarise(per_seed), lambda s: print_table(s, args.seeds),
+                         groups=GROUPS, per_seed=per_seed)
 
 
 if __name__ == "__main__":

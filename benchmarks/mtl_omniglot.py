@@ -27,7 +27,7 @@ PCGrad or RLW. Adam at ``--lr`` for the network and ``--weight-lr`` for UW's and
 weights. Testing is in ``eval()`` mode, with BatchNorm's running statistics.
 
 Single-task learning (STL), the reference: one such network with one head per alphabet, trained
-alone from the same initial weights on the same batches of its alphabet for the same ``--steps``.
+alone from the same initial weights on the same batches of its alphabet for the same ``--train-steps``.
 Each task's data are thus seen the same number of times by STL and by the multi-task methods, and
 STL's total compute (``T`` networks) is about that of one multi-task run.
 
@@ -38,7 +38,7 @@ better than one network per task); and the wall time of the training run (STL: a
 networks). The table, not this docstring, says which method came out ahead.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtl_omniglot.py --json results/mtl_omniglot.json
-    .venv/bin/python benchmarks/mtl_omniglot.py --seeds 5 --steps 3000 --methods EW,PCGrad,STL
+    .venv/bin/python benchmarks/mtl_omniglot.py --seeds 5 --train-steps 3000 --methods EW,PCGrad,STL
 
 The default run (3 seeds, 1000 steps) took 6.4 minutes of CPU time on one thread of a Xeon VM,
 9 minutes of wall time with other jobs on the machine's two cores; PCGrad is about four times
@@ -47,28 +47,26 @@ EW's time per step, STL (eight networks) between two and three times.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
-import os
 import statistics
 import sys
 import time
 
+import common
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mmtl_lib
+import mmtl_lib as ml
 from mmtl_lib import mtl, mtl_data
-from mmtl_lib.runtime import check_arguments, processor, save_report
 
 METHODS = ("EW", "UW", "GradNorm", "DWA", "PCGrad", "RLW", "STL")
 
 
 def make_model(n_classes: dict[str, int], args) -> mtl.HardSharing:
     """Conv4's body as the trunk, one ``Linear(features, n_classes[t])`` head per task."""
-    conv = mmtl_lib.Conv4(1, filters=args.filters, image_size=args.image_size, batch_norm=args.batch_norm)
+    conv = ml.Conv4(1, filters=args.filters, image_size=args.image_size, batch_norm=args.batch_norm)
     features = conv.head.in_features
     return mtl.HardSharing(conv.body, {t: nn.Linear(features, c) for t, c in n_classes.items()})
 
@@ -78,17 +76,11 @@ def last_conv(model: mtl.HardSharing) -> list[Tensor]:
     return list([m for m in model.trunk.modules() if isinstance(m, nn.Conv2d)][-1].parameters())
 
 
-def batch_order(n_train: dict[str, int], steps: int, batch_size: int, seed: int) -> dict[str, Tensor]:
-    """task -> ``[steps, batch_size]`` indices into its training set: shuffled epochs, the same
-    for every method of a seed."""
-    order = {}
-    for i, (t, n) in enumerate(n_train.items()):
-        g = mmtl_lib.generator(seed * 1000 + 10_000 + i)
-        per_epoch = n // batch_size
-        epochs = -(-steps // per_epoch)
-        idx = torch.cat([torch.randperm(n, generator=g)[: per_epoch * batch_size] for _ in range(epochs)])
-        order[t] = idx.view(-1, batch_size)[:steps]
-    return order
+def batch_order(n_train: dict[str, int], iterations: int, batch_size: int, seed: int) -> dict[str, Tensor]:
+    """task -> ``[iterations, batch_size]`` indices into its training set: shuffled epochs, the
+    same for every method of a seed."""
+    return {t: common.epoch_batches(n, iterations, batch_size, ml.generator(seed * 1000 + 10_000 + i))
+            for i, (t, n) in enumerate(n_train.items())}
 
 
 def train(model: mtl.HardSharing, weighting: mtl.Weighting, tasks: dict, order: dict[str, Tensor],
@@ -102,10 +94,11 @@ def train(model: mtl.HardSharing, weighting: mtl.Weighting, tasks: dict, order: 
     model.train()
     b = args.batch_size
     start = time.perf_counter()
-    for step in range(args.steps):
-        x = torch.cat([tasks[t].train[0][order[t][step]] for t in names])
+    for iteration in range(args.train_steps):
+        x = torch.cat([tasks[t].train[0][order[t][iteration]] for t in names])
         features = model.trunk(x)
-        losses = {t: F.cross_entropy(model.heads[t](features[i * b:(i + 1) * b]), tasks[t].train[1][order[t][step]])
+        losses = {t: F.cross_entropy(model.heads[t](features[i * b:(i + 1) * b]),
+                                     tasks[t].train[1][order[t][iteration]])
                   for i, t in enumerate(names)}
         optimizer.zero_grad(set_to_none=True)
         diagnostics = weighting.backward(losses, shared if shared is not None else model.shared_parameters())
@@ -116,26 +109,16 @@ def train(model: mtl.HardSharing, weighting: mtl.Weighting, tasks: dict, order: 
 @torch.no_grad()
 def test_accuracy(model: mtl.HardSharing, tasks: dict) -> dict[str, float]:
     model.eval()
-    return {t: mmtl_lib.accuracy(model(tasks[t].test[0], tasks=[t])[t], tasks[t].test[1]).item()
+    return {t: ml.accuracy(model(tasks[t].test[0], tasks=[t])[t], tasks[t].test[1]).item()
             for t in model.task_names}
-
-
-def make_weighting(name: str, model: mtl.HardSharing, tasks: dict, args, seed: int) -> mtl.Weighting:
-    T = len(tasks)
-    if name == "GradNorm":
-        return mtl.GradNorm(T, alpha=args.alpha, layer=last_conv(model))
-    if name == "DWA":
-        mean_n = statistics.fmean(len(task.train[1]) for task in tasks.values())
-        return mtl.DWA(T, temperature=2.0, steps_per_epoch=max(1, round(mean_n / args.batch_size)))
-    if name in ("PCGrad", "RLW"):
-        return mtl.WEIGHTINGS[name](T, generator=mmtl_lib.generator(seed + 20_000))
-    return mtl.WEIGHTINGS[name](T)
 
 
 def run_seed(tasks: dict, args, seed: int) -> dict[str, dict]:
     """method -> {"accuracy": task -> test accuracy, "seconds": training time, "weights": last weights}."""
     names = list(tasks)
-    order = batch_order({t: len(task.train[1]) for t, task in tasks.items()}, args.steps, args.batch_size, seed)
+    order = batch_order({t: len(task.train[1]) for t, task in tasks.items()}, args.train_steps, args.batch_size,
+                        seed)
+    mean_n = statistics.fmean(len(task.train[1]) for task in tasks.values())
     torch.manual_seed(seed)
     initial = make_model({t: len(task.characters) for t, task in tasks.items()}, args)
     results = {}
@@ -150,16 +133,13 @@ def run_seed(tasks: dict, args, seed: int) -> dict[str, dict]:
             results[method] = {"accuracy": accuracy, "seconds": seconds, "weights": None}
             continue
         model = copy.deepcopy(initial)
-        weighting = make_weighting(method, model, tasks, args, seed)
+        weighting = common.make_weighting(method, len(tasks), alpha=args.alpha, layer=last_conv(model),
+                                          steps_per_epoch=max(1, round(mean_n / args.batch_size)), seed=seed)
         seconds, diagnostics = train(model, weighting, tasks, order, args)
         weights = diagnostics.get("weights")
         results[method] = {"accuracy": test_accuracy(model, tasks), "seconds": seconds,
                            "weights": None if weights is None else weights.tolist()}
     return results
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def delta_p(accuracy: dict[str, float], reference: dict[str, float]) -> float:
@@ -178,37 +158,30 @@ def summarise(per_seed: list[dict[str, dict]], methods: list[str], names: list[s
         }
         if "STL" in methods:
             rows["delta_p"] = [delta_p(s[method]["accuracy"], s["STL"]["accuracy"]) for s in per_seed]
-        summary[method] = {k: mean_std(v) for k, v in rows.items()}
+        summary[method] = {k: common.mean_std(v) for k, v in rows.items()}
     return summary
 
 
 def print_table(summary: dict[str, dict], names: list[str], args) -> None:
-    def cell(pair, fmt, sign=""):
-        return f"{format(pair[0], sign + fmt)} +- {format(pair[1], fmt)}"
-
     has_delta = "delta_p" in next(iter(summary.values()))
-    header = (f"{'method':<9} {'mean test acc %':>16}" + (f" {'Delta_p vs STL %':>16}" if has_delta else "")
-              + f" {'train time s':>14}")
-    print(header)
-    print("-" * len(header))
+    common.print_header(f"{'method':<9} {'mean test acc %':>16}" + (f" {'Delta_p vs STL %':>16}" if has_delta else "")
+                        + f" {'train time s':>14}")
     for method, s in summary.items():
         acc = (100 * s["mean_accuracy"][0], 100 * s["mean_accuracy"][1])
-        print(f"{method:<9} {cell(acc, '.1f'):>16}" + (f" {cell(s['delta_p'], '.2f', '+'):>16}" if has_delta else "")
-              + f" {cell(s['seconds'], '.1f'):>14}")
+        delta = f" {common.cell(s['delta_p'], '.2f', '+'):>16}" if has_delta else ""
+        print(f"{method:<9} {common.cell(acc, '.1f'):>16}{delta} {common.cell(s['seconds'], '.1f'):>14}")
     print()
     short = [t.split("_(")[0][:9] for t in names]
     print("test accuracy % per alphabet (mean over seeds)")
     print(f"{'method':<9} " + " ".join(f"{s:>9}" for s in short))
     for method, s in summary.items():
         print(f"{method:<9} " + " ".join(f"{100 * s[f'accuracy/{t}'][0]:>9.1f}" for t in names))
-    print(f"mean +- std over {args.seeds} seed(s); {args.steps} steps of {args.batch_size} images per task.")
+    print(f"mean +- std over {args.seeds} seed(s); {args.train_steps} steps of {args.batch_size} images per task.")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="independent runs (initial weights, batch order)")
-    p.add_argument("--steps", type=int, default=1000, help="Adam steps per method (STL: per task)")
+def parse_args(argv=None):
+    p = common.parser(__doc__, METHODS, seeds_help="independent runs: initial weights, batch order")
+    p.add_argument("--train-steps", type=int, default=1000, help="Adam steps per method (STL: per task)")
     p.add_argument("--alphabets", default=",".join(mtl_data.ALPHABETS), help="comma-separated alphabets, the tasks")
     p.add_argument("--image-size", type=int, default=14, help="side of the images in pixels")
     p.add_argument("--filters", type=int, default=32, help="Conv4 channels per layer")
@@ -219,22 +192,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-lr", type=float, default=0.025,
                    help="Adam's learning rate for UW's and GradNorm's weights")
     p.add_argument("--alpha", type=float, default=1.5, help="GradNorm's asymmetry (LibMTL's default)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: $MMTL_THREADS, else 1)")
     p.add_argument("--data", default=None, help="Omniglot folder (default: $MMTL_DATA, else the user cache)")
-    p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    positive = ("seeds", "steps", "image_size", "filters", "batch_size")
-    check_arguments(p, args, positive, METHODS)
+    positive = ("seeds", "train_steps", "image_size", "filters", "batch_size")
+    common.check_arguments(p, args, positive, METHODS)
     args.alphabets = [a.strip() for a in args.alphabets.split(",") if a.strip()]
     return args
 
 
 def main(argv=None) -> dict:
+    """Run the benchmark with command-line arguments ``argv``; print the table, return the report."""
     args = parse_args(argv)
-    threads = mmtl_lib.set_threads(args.threads)
-    cpu = processor("cpu")
-    data = mmtl_lib.load_omniglot(args.data, image_size=args.image_size)
+    threads = ml.set_threads(args.threads)
+    data = ml.load_omniglot(args.data, image_size=args.image_size)
     tasks = mtl_data.alphabet_tasks(data.images, data.characters, args.alphabets)
     smallest = min(len(task.train[1]) for task in tasks.values())
     if args.batch_size > smallest:
@@ -242,27 +212,13 @@ def main(argv=None) -> dict:
     names = list(tasks)
     print(f"{len(tasks)} alphabets ({sum(len(t.characters) for t in tasks.values())} characters), "
           f"{args.image_size}px, drawers 0-14 train / 15-19 test; Conv4 trunk with {args.filters} filters; "
-          f"{args.steps} Adam steps (lr {args.lr:g}) of {args.batch_size} images per task; {args.seeds} seed(s); "
-          f"torch {torch.__version__}, {threads} thread(s), {cpu}")
-    start = time.perf_counter()
-    per_seed = []
-    for seed in range(args.seeds):
-        per_seed.append(run_seed(tasks, args, seed))
-        print(f"seed {seed} done, {time.perf_counter() - start:.0f} s")
-    summary = summarise(per_seed, args.methods, names)
-    print()
-    print_table(summary, names, args)
-    total = time.perf_counter() - start
-    print(f"total wall time {total:.0f} s")
-    report = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("json", "data")},
-        "alphabets": {t: len(task.characters) for t, task in tasks.items()},
-        "torch": torch.__version__, "python": sys.version.split()[0], "threads": threads,
-        "cpu": cpu, "cpu_count": os.cpu_count(), "date": datetime.date.today().isoformat(),
-        "total_seconds": total, "summary": summary, "per_seed": per_seed,
-    }
-    save_report(args.json, report)
-    return report
+          f"{args.train_steps} Adam steps (lr {args.lr:g}) of {args.batch_size} images per task; {args.seeds} "
+          f"seed(s); {ml.machine()}")
+    per_seed, total = common.run_seeds(lambda seed: run_seed(tasks, args, seed), args.seeds)
+    return common.finish(args, threads, total, summarise(per_seed, args.methods, names),
+                         lambda s: print_table(s, names, args), exclude=("json", "data"),
+                         alphabets={t: len(task.characters) for t, task in tasks.items()}, cpu=ml.processor("cpu"),
+                         date=datetime.date.today().isoformat(), per_seed=per_seed)
 
 
 if __name__ == "__main__":

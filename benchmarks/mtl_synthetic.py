@@ -9,7 +9,7 @@ i.i.d. ``N(0, b_std^2)`` and ``N(0, eps_std^2)``; inputs are uniform on ``[-1, 1
 to unit norm, as in the public reproductions of the paper. ``eps_std / b_std`` sets how related
 the tasks are; the scales ``sigma_t``, log-spaced over ``[1, 100]`` by default, make the task
 losses differ by up to 10^4, the imbalance GradNorm was built for. There is a fixed training set of
-``--n-train`` inputs and a fresh test set.
+``--n-train`` inputs and a fresh test set (:func:`mmtl_lib.gradnorm_regression`).
 
 The paper writes N(0, 10) and N(0, 3.5). Read as standard deviations (as the reproductions do),
 they give pre-activations of standard deviation ~10, where tanh is saturated and ``f_t`` is
@@ -17,11 +17,13 @@ nearly a sign function: on one seed at the default budget, the best of EW, GradN
 cross-stitch and STL reached a mean ``M_t`` (defined below) of 0.70, where predicting 0 scores
 0.93. The defaults divide both by 10, ``b_std = 1`` and ``eps_std = 0.35``, which keeps the
 paper's ratio, the relatedness; ``--b-std 10 --eps-std 3.5`` restores the scale. The networks see
-the inputs scaled by sqrt(250), features of variance ~1. The default training set, 1000 inputs
-for 55k trunk weights, is the data-poor regime multi-task learning is meant for. At this scale
-the ``f_t`` are nearly linear: ridge regression of each task on ``x`` reaches ``M_t`` ~ 0.04. The
-networks are far from that after the default 1000 steps, so the table compares methods at a
-fixed short budget, not at convergence.
+the inputs scaled by sqrt(250), features of variance ~1 (unit-norm inputs have entries of ~0.06,
+which default-initialised layers shrink further; scaled, a single-task network's training loss
+after 1000 steps halved, ``M`` 0.19 -> 0.10 on the sigma = 1 task). The default training set,
+1000 inputs for 55k trunk weights, is the data-poor regime multi-task learning is meant for. At
+this scale the ``f_t`` are nearly linear: ridge regression of each task on ``x`` reaches ``M_t`` ~
+0.04. The networks are far from that after the default 1000 steps, so the table compares methods
+at a fixed short budget, not at convergence.
 
 Every method trains the paper's network, a trunk of 4 ReLU layers of 100 units shared by all
 tasks with one linear head per task (:class:`mmtl_lib.mtl.HardSharing`), from the same initial
@@ -55,47 +57,26 @@ changes nothing for a task's own head; weightings act only through the shared tr
 tasks' gradients are added before Adam sees them.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mtl_synthetic.py               # CPU, 2-3 minutes a seed
-    .venv/bin/python benchmarks/mtl_synthetic.py --seeds 5 --steps 3000 --json results/mtl_synthetic.json
+    .venv/bin/python benchmarks/mtl_synthetic.py --seeds 5 --train-steps 3000 --json results/mtl_synthetic.json
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
-import sys
 import time
 
+import common
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import mmtl_lib
+import mmtl_lib as ml
 from mmtl_lib import mtl
-from mmtl_lib.runtime import save_report
+from mmtl_lib.mtl_data import RegressionTasks
 
 IN_FEATURES, OUT_FEATURES, WIDTH, DEPTH = 250, 100, 100, 4
-
-
-def make_problem(args, seed: int) -> dict:
-    """Scales ``sigma`` ``[T]``; train and test inputs ``[n, 250]`` and targets ``[n, T, 100]``."""
-    g = mmtl_lib.generator(seed)
-    T = args.tasks
-    sigma = torch.logspace(0, torch.log10(torch.tensor(args.max_sigma)).item(), T)
-    B = args.b_std * torch.randn(OUT_FEATURES, IN_FEATURES, generator=g)
-    eps = args.eps_std * torch.randn(T, OUT_FEATURES, IN_FEATURES, generator=g)
-
-    def sample(n: int) -> tuple[Tensor, Tensor]:
-        x = 2 * torch.rand(n, IN_FEATURES, generator=g) - 1
-        x = x / x.norm(dim=1, keepdim=True)
-        y = sigma[None, :, None] * torch.tanh(torch.einsum("toi,ni->nto", B + eps, x))
-        # The networks see features of variance ~1: unit-norm inputs have entries of ~0.06, which
-        # default-initialised layers shrink further. Scaled, a single-task network's training loss
-        # after 1000 steps halved (M 0.19 -> 0.10 on the sigma = 1 task).
-        return x * IN_FEATURES**0.5, y
-
-    train, test = sample(args.n_train), sample(args.n_test)
-    return {"sigma": sigma, "train": train, "test": test, "M_zero": (test[1] ** 2).mean((0, 2)) / sigma**2}
+METHODS = ("EW", "EW/L0", "UW", "GradNorm", "DWA", "PCGrad", "RLW", "cross-stitch", "STL")
 
 
 def trunk() -> nn.Sequential:
@@ -106,37 +87,28 @@ def trunk() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def batches(args, seed: int) -> list[Tensor]:
-    """The index batches of a whole run, epoch by epoch: the same for every method of a seed."""
-    g = mmtl_lib.generator(seed + 10_000)
-    per_epoch = args.n_train // args.batch_size
-    epochs = -(-args.steps // per_epoch)
-    order = torch.cat([torch.randperm(args.n_train, generator=g)[: per_epoch * args.batch_size] for _ in range(epochs)])
-    return list(order.view(-1, args.batch_size)[: args.steps])
-
-
 def task_losses(out: dict[str, Tensor], y: Tensor, names: list[str]) -> dict[str, Tensor]:
     return {t: F.mse_loss(out[t], y[:, names.index(t)]) for t in out}
 
 
-def normalised_test_loss(model: nn.Module, problem: dict, names: list[str]) -> Tensor:
+def normalised_test_loss(model: nn.Module, problem: RegressionTasks, names: list[str]) -> Tensor:
     """``M`` ``[T]``: test MSE of each task over ``sigma_t^2``; NaN for tasks the model lacks."""
-    x, y = problem["test"]
+    x, y = problem.test
     with torch.no_grad():
         out = model(x)
     return torch.stack([F.mse_loss(out[t], y[:, i]) if t in out else torch.tensor(float("nan"))
-                        for i, t in enumerate(names)]) / problem["sigma"] ** 2
+                        for i, t in enumerate(names)]) / problem.sigma ** 2
 
 
 def train(model: nn.Module, weighting: mtl.Weighting, shared: list[Tensor], extra: list[Tensor],
-          problem: dict, order: list[Tensor], names: list[str], args) -> tuple[float, dict]:
+          problem: RegressionTasks, order: Tensor, names: list[str], args) -> tuple[float, dict]:
     """Adam on the network at ``--lr`` and on ``extra`` (the weighting's parameters, the
     cross-stitch units) at ``--weight-lr``; return the seconds taken and the last diagnostics."""
     groups = [{"params": [p for p in model.parameters() if all(p is not e for e in extra)], "lr": args.lr}]
     if extra:
         groups.append({"params": extra, "lr": args.weight_lr})
     optimizer = torch.optim.Adam(groups)
-    x, y = problem["train"]
+    x, y = problem.train
     start = time.perf_counter()
     for idx in order:
         optimizer.zero_grad(set_to_none=True)
@@ -161,23 +133,13 @@ class InitialLossEW(mtl.Weighting):
         return {"weights": weights.clone()}
 
 
-def make_weighting(name: str, model: mtl.HardSharing, args, seed: int) -> mtl.Weighting:
-    T = args.tasks
-    if name == "EW/L0":
-        return InitialLossEW(T)
-    if name == "GradNorm":
-        return mtl.GradNorm(T, alpha=args.alpha, layer=model.last_shared_parameters())
-    if name == "DWA":
-        return mtl.DWA(T, temperature=2.0, steps_per_epoch=args.n_train // args.batch_size)
-    if name in ("PCGrad", "RLW"):
-        return mtl.WEIGHTINGS[name](T, generator=mmtl_lib.generator(seed + 20_000))
-    return mtl.WEIGHTINGS[name](T)
-
-
 def run_seed(args, seed: int, names: list[str]) -> tuple[dict[str, dict], float]:
     """Each method's ``M`` ``[T]``, seconds and last loss weights; and predicting 0's mean ``M``."""
-    problem = make_problem(args, seed)
-    order = batches(args, seed)
+    problem = ml.gradnorm_regression(
+        args.tasks, n_train=args.n_train, n_test=args.n_test, max_sigma=args.max_sigma, b_std=args.b_std,
+        eps_std=args.eps_std, in_features=IN_FEATURES, out_features=OUT_FEATURES, generator=ml.generator(seed),
+    )
+    order = common.epoch_batches(args.n_train, args.train_steps, args.batch_size, ml.generator(seed + 10_000))
     torch.manual_seed(seed)
     initial = mtl.HardSharing(trunk(), {t: nn.Linear(WIDTH, OUT_FEATURES) for t in names})
     results = {}
@@ -197,17 +159,16 @@ def run_seed(args, seed: int, names: list[str]) -> tuple[dict[str, dict], float]
             weighting, shared, extra = mtl.EW(args.tasks), None, model.stitch_parameters()
         else:
             model = copy.deepcopy(initial)
-            weighting = make_weighting(method, model, args, seed)
+            weighting = InitialLossEW(args.tasks) if method == "EW/L0" else common.make_weighting(
+                method, args.tasks, alpha=args.alpha, layer=model.last_shared_parameters(),
+                steps_per_epoch=args.n_train // args.batch_size, seed=seed)
             shared, extra = model.shared_parameters(), list(weighting.parameters())
         seconds, diagnostics = train(model, weighting, shared, extra, problem, order, names, args)
         weights = diagnostics.get("weights")
         results[method] = {"M": normalised_test_loss(model, problem, names), "seconds": seconds,
                            "weights": None if weights is None else weights.tolist()}
-    return results, problem["M_zero"].mean().item()
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    zero = (problem.test[1] ** 2).mean((0, 2)) / problem.sigma**2
+    return results, zero.mean().item()
 
 
 def summarise(per_seed: list[dict[str, dict]], methods: list[str]) -> dict[str, dict]:
@@ -223,35 +184,25 @@ def summarise(per_seed: list[dict[str, dict]], methods: list[str]) -> dict[str, 
         if "STL" in methods:
             rows["delta_p"] = [100 * ((s["STL"]["M"] - s[method]["M"]) / s["STL"]["M"]).mean().item()
                                for s in per_seed]
-        summary[method] = {k: mean_std(v) for k, v in rows.items()}
+        summary[method] = {k: common.mean_std(v) for k, v in rows.items()}
     return summary
 
 
 def print_table(summary: dict[str, dict], zero: list[float], args) -> None:
-    def cell(pair, fmt, sign=""):
-        return f"{format(pair[0], sign + fmt)} +- {format(pair[1], fmt)}"
-
     delta = "delta_p" in next(iter(summary.values()))
-    header = (f"{'method':<13} {'mean M_t':>17} {'M_t, sigma=1':>17} {f'M_t, sigma={args.max_sigma:g}':>17}"
-              + (f" {'Delta_p vs STL %':>17}" if delta else "") + f" {'time s':>15}")
-    print(header)
-    print("-" * len(header))
+    common.print_header(f"{'method':<13} {'mean M_t':>17} {'M_t, sigma=1':>17} {f'M_t, sigma={args.max_sigma:g}':>17}"
+                        + (f" {'Delta_p vs STL %':>17}" if delta else "") + f" {'time s':>15}")
     for method, s in summary.items():
-        print(f"{method:<13} {cell(s['M_mean'], '.4f'):>17} {cell(s['M_smallest_sigma'], '.4f'):>17} "
-              f"{cell(s['M_largest_sigma'], '.4f'):>17}" + (f" {cell(s['delta_p'], '.1f', '+'):>17}" if delta else "")
-              + f" {cell(s['seconds'], '.1f'):>15}")
+        M = " ".join(f"{common.cell(s[k], '.4f'):>17}" for k in ("M_mean", "M_smallest_sigma", "M_largest_sigma"))
+        gain = f" {common.cell(s['delta_p'], '.1f', '+'):>17}" if delta else ""
+        print(f"{method:<13} {M}{gain} {common.cell(s['seconds'], '.1f'):>15}")
     print(f"M_t: test MSE / sigma_t^2 (lower is better); mean +- std over {args.seeds} seed(s). "
           f"Predicting 0 scores mean M_t = {statistics.fmean(zero):.3f}.")
 
 
-METHODS = ("EW", "EW/L0", "UW", "GradNorm", "DWA", "PCGrad", "RLW", "cross-stitch", "STL")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="independent problems and runs")
-    p.add_argument("--steps", type=int, default=1000, help="Adam steps per method (STL: per task)")
+def parse_args(argv=None):
+    p = common.parser(__doc__, METHODS, seeds_help="independent problems and runs")
+    p.add_argument("--train-steps", type=int, default=1000, help="Adam steps per method (STL: per task)")
     p.add_argument("--tasks", type=int, default=10, help="T")
     p.add_argument("--max-sigma", type=float, default=100.0, help="scales are log-spaced over [1, max_sigma]")
     p.add_argument("--b-std", type=float, default=1.0, help="std of the shared matrix B's entries")
@@ -263,55 +214,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-lr", type=float, default=0.025,
                    help="Adam's learning rate for UW's and GradNorm's weights and the cross-stitch units")
     p.add_argument("--alpha", type=float, default=0.12, help="GradNorm's asymmetry")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: $MMTL_THREADS, else 1)")
-    p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    for name in ("seeds", "steps", "tasks", "n_train", "n_test", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
+    common.check_arguments(p, args, ("seeds", "train_steps", "tasks", "n_train", "n_test", "batch_size"), METHODS)
     if args.batch_size > args.n_train:
         p.error(f"--batch-size = {args.batch_size} is not allowed: it must be <= --n-train = {args.n_train}")
     if not args.max_sigma >= 1:
         p.error(f"--max-sigma = {args.max_sigma} is not allowed: it must be >= 1 (the smallest scale is 1)")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        p.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {', '.join(METHODS)}")
-    if args.tasks < 2 and "cross-stitch" in methods:
+    if args.tasks < 2 and "cross-stitch" in args.methods:
         p.error("--tasks = 1 is not allowed with cross-stitch: it needs at least 2 task columns")
-    args.methods = methods
     return args
 
 
 def main(argv=None) -> dict:
+    """Run the benchmark with command-line arguments ``argv``; print the table, return the report."""
     args = parse_args(argv)
-    threads = mmtl_lib.set_threads(args.threads)
+    threads = common.start(args, f"{args.tasks} tasks, sigma log-spaced over [1, {args.max_sigma:g}], B ~ N(0, "
+                                 f"{args.b_std:g}^2), eps_t ~ N(0, {args.eps_std:g}^2); {args.n_train} training "
+                                 f"inputs, batches of {args.batch_size}, {args.train_steps} Adam steps (lr "
+                                 f"{args.lr:g}, weights {args.weight_lr:g})")
     names = [f"task{i}" for i in range(args.tasks)]
-    print(f"{args.tasks} tasks, sigma log-spaced over [1, {args.max_sigma:g}], B ~ N(0, {args.b_std:g}^2), "
-          f"eps_t ~ N(0, {args.eps_std:g}^2); {args.n_train} training inputs, batches of {args.batch_size}, "
-          f"{args.steps} Adam steps (lr {args.lr:g}, weights {args.weight_lr:g}); {args.seeds} seed(s); "
-          f"torch {torch.__version__}, {threads} thread(s)")
-    start = time.perf_counter()
-    per_seed, zero = [], []
-    for seed in range(args.seeds):
-        results, M_zero = run_seed(args, seed, names)
-        per_seed.append(results)
-        zero.append(M_zero)
-        print(f"seed {seed} done, {time.perf_counter() - start:.0f} s")
-    summary = summarise(per_seed, args.methods)
-    print()
-    print_table(summary, zero, args)
-    total = time.perf_counter() - start
-    print(f"total wall time {total:.0f} s")
-    report = {
-        "args": {k: v for k, v in vars(args).items() if k != "json"}, "torch": torch.__version__,
-        "python": sys.version.split()[0], "threads": threads, "total_seconds": total, "summary": summary,
-        "M_zero_predictor": zero,
-        "per_seed": [{m: {**r, "M": r["M"].tolist()} for m, r in s.items()} for s in per_seed],
-    }
-    save_report(args.json, report)
-    return report
+    runs, total = common.run_seeds(lambda seed: run_seed(args, seed, names), args.seeds)
+    per_seed, zero = [results for results, _ in runs], [M_zero for _, M_zero in runs]
+    return common.finish(args, threads, total, summarise(per_seed, args.methods),
+                         lambda s: print_table(s, zero, args), M_zero_predictor=zero,
+                         per_seed=[{m: {**r, "M": r["M"].tolist()} for m, r in s.items()} for s in per_seed])
 
 
 if __name__ == "__main__":

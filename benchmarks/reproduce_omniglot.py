@@ -11,18 +11,17 @@ torch version and the commit, beside the paper's number.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
+import common
 import torch
 
-from mmtl_lib import experiment
-from mmtl_lib.runtime import default_device, machine, set_threads
-from mmtl_lib.train import evaluate_learner
+import mmtl_lib as ml
+from mmtl_lib.config import PRESETS
 
 # Finn et al. 2017, Table 1; Nichol et al. 2018, Omniglot table (Reptile without transduction), in percent.
 PAPER = {
@@ -31,6 +30,7 @@ PAPER = {
     "reptile-5w1s": 95.39, "reptile-5w5s": 98.90, "reptile-20w1s": 88.14, "reptile-20w5s": 96.65,
 }
 ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT_PRESETS = [name for name in PRESETS if ml.preset(name).task == "omniglot"]
 
 
 def commit() -> str:
@@ -45,40 +45,38 @@ def commit() -> str:
 
 
 def run(name: str, device, time_budget, tasks: int, seed: int, tf32: bool) -> dict:
-    config = experiment.preset(name, seed=seed, time_budget=time_budget, tf32=tf32)
-    samplers = experiment.samplers(config, device)
-    learner = experiment.build_learner(config, device, n_classes=samplers["train"].n_classes)
-    trainer = experiment.build_trainer(config, learner, samplers, validate=False)
-    trainer.fit(config["iterations"], time_budget=time_budget, progress=False)
+    config = ml.preset(name, seed=seed, time_budget=time_budget, tf32=tf32)
+    samplers = ml.samplers(config, device)
+    learner = ml.build_learner(config, device, n_classes=samplers["train"].n_classes)
+    trainer = ml.build_trainer(config, learner, samplers, validate=False)
+    trainer.fit(config.iterations, time_budget=time_budget, progress=False)
     start = time.perf_counter()
-    result = evaluate_learner(learner, samplers["test"].sample, tasks=tasks, metric=experiment.metric_for(config),
-                              seed=seed)
+    result = ml.evaluate(learner, samplers["test"], n_tasks=tasks, metric=config.metric(), seed=seed).summary()
     return {
-        "preset": name, "setting": experiment.describe(config), "accuracy": result["metric"],
+        "preset": name, "setting": config.describe(), "accuracy": result["metric"],
         "ci95": result["ci95"], "pre_adaptation_accuracy": result["pre_metric"], "tasks": tasks,
-        "test_steps": result["steps"], "iterations": trainer.iteration, "paper_iterations": config["iterations"],
-        "train_seconds": round(trainer.elapsed, 1), "eval_seconds": round(time.perf_counter() - start, 1),
-        "paper_accuracy": PAPER.get(name), "hardware": machine(device), "torch": torch.__version__,
-        "commit": commit(), "seed": seed, "tf32": tf32,
+        "test_inner_steps": result["inner_steps"], "iterations": trainer.iteration,
+        "paper_iterations": config.iterations, "train_seconds": round(trainer.elapsed, 1),
+        "eval_seconds": round(time.perf_counter() - start, 1), "paper_accuracy": PAPER.get(name),
+        "hardware": ml.machine(device), "torch": torch.__version__, "commit": commit(), "seed": seed, "tf32": tf32,
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", default="maml-5w1s,maml-5w5s,maml-20w1s,maml-20w5s")
+def main(argv=None) -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--presets", default="maml-5w1s,maml-5w5s,maml-20w1s,maml-20w5s",
+                   help=f"comma-separated, from: {', '.join(OMNIGLOT_PRESETS)}")
     p.add_argument("--time-budget", type=float, default=None, help="training seconds per preset (default: none)")
     p.add_argument("--tasks", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--tf32", action="store_true")
     p.add_argument("--out", default=str(ROOT / "results" / "omniglot.json"))
-    args = p.parse_args()
-    set_threads()
-    device = default_device() if args.device == "auto" else torch.device(args.device)
-    names = args.presets.split(",")
-    unknown = [n for n in names if n not in experiment.PRESETS]
-    if unknown:
-        p.error(f"unknown presets {unknown}; choose from {list(experiment.PRESETS)}")
+    args = p.parse_args(argv)
+    common.check_arguments(p, args, positive=("tasks",), methods=OMNIGLOT_PRESETS, option="presets")
+    ml.set_threads()
+    device = ml.default_device() if args.device == "auto" else torch.device(args.device)
+    names = args.presets
     runs = []
     for name in names:
         row = run(name, device, args.time_budget, args.tasks, args.seed, args.tf32)

@@ -30,14 +30,14 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
+import common
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-import mmtl_lib
+import mmtl_lib as ml
 from mmtl_lib import TaskBatch
-from mmtl_lib.runtime import processor, save_report
 
 N_WAY, K_SHOT, IMAGE_SIZE = 5, 1, 28
 REFERENCE = "torch.func loop"
@@ -63,9 +63,7 @@ Builder = Callable[[nn.Module, argparse.Namespace], tuple[list[Tensor], Callable
 
 def build_library(backend: str) -> Builder:
     def build(model, args):
-        learner = mmtl_lib.MAML(
-            model, F.cross_entropy, inner_lr=args.inner_lr, steps=args.steps, backend=backend
-        )
+        learner = ml.MAML(model, F.cross_entropy, inner_lr=args.inner_lr, inner_steps=args.inner_steps, backend=backend)
         return learner.meta_parameters(), learner.meta_backward
 
     return build
@@ -79,7 +77,7 @@ def build_torch_func(model, args):
         (sx, sy), (qx, qy) = tasks.support, tasks.query
         for i in range(tasks.n_tasks):
             fast = params
-            for _ in range(args.steps):
+            for _ in range(args.inner_steps):
                 loss = F.cross_entropy(functional_call(model, fast, (sx[i],)), sy[i])
                 grads = torch.autograd.grad(loss, list(fast.values()), create_graph=True)
                 fast = {n: p - args.inner_lr * g for (n, p), g in zip(fast.items(), grads)}
@@ -98,7 +96,7 @@ def build_learn2learn(model, args):
         (sx, sy), (qx, qy) = tasks.support, tasks.query
         for i in range(tasks.n_tasks):
             learner = maml.clone()
-            for _ in range(args.steps):
+            for _ in range(args.inner_steps):
                 learner.adapt(F.cross_entropy(learner(sx[i]), sy[i]))
             (F.cross_entropy(learner(qx[i]), qy[i]) / tasks.n_tasks).backward()
 
@@ -116,7 +114,7 @@ def build_higher(model, args):
             with higher.innerloop_ctx(
                 model, inner_optimizer, copy_initial_weights=False, track_higher_grads=True
             ) as (fmodel, diffopt):
-                for _ in range(args.steps):
+                for _ in range(args.inner_steps):
                     diffopt.step(F.cross_entropy(fmodel(sx[i]), sy[i]))
                 (F.cross_entropy(fmodel(qx[i]), qy[i]) / tasks.n_tasks).backward()
 
@@ -125,9 +123,7 @@ def build_higher(model, args):
 
 def build_first_order(model, args):
     """First-order MAML through the library: the gradient check must be able to tell it apart."""
-    learner = mmtl_lib.MAML(
-        model, F.cross_entropy, inner_lr=args.inner_lr, steps=args.steps, first_order=True
-    )
+    learner = ml.MAML(model, F.cross_entropy, inner_lr=args.inner_lr, inner_steps=args.inner_steps, first_order=True)
     return learner.meta_parameters(), learner.meta_backward
 
 
@@ -212,17 +208,14 @@ def time_iterations(runner: Runner, tasks: TaskBatch, iters: int, device: torch.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = common.parser(__doc__)
     add = p.add_argument
     add("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present, else CPU")
     add("--meta-batch-size", type=int, help="tasks per meta-iteration (default: 8 on CPU, 32 on CUDA)")
     add("--iters", type=int, help="timed meta-iterations per round (default: 3 on CPU, 20 on CUDA)")
     add("--repeats", type=int, default=3, help="timed rounds; the median round is reported (default: 3)")
     add("--warmup", type=int, help="untimed meta-iterations per method first (default: 1 on CPU, 3 on CUDA)")
-    add("--threads", type=int, help="torch intra-op threads (default: $MMTL_THREADS, else 1)")
-    add("--steps", type=int, default=1, help="inner gradient steps (default: 1)")
+    add("--inner-steps", type=int, default=1, help="inner gradient steps (default: 1)")
     add("--filters", type=int, default=64, help="Conv4 channels per layer (default: 64)")
     add("--n-query", type=int, default=15, help="query images per class (default: 15)")
     add("--inner-lr", type=float, default=0.4, help="inner SGD step size (default: 0.4)")
@@ -236,7 +229,7 @@ def parse_args(argv=None) -> argparse.Namespace:
              "where float32 cuDNN kernels sum in other orders: measured 2e-4 on an H200, while the float64 check "
              "on CUDA agreed to 2e-15)")
     add("--seed", type=int, default=0)
-    add("--json", metavar="PATH", help="also write the results to this JSON file")
+    common.add_output_options(p)
     args = p.parse_args(argv)
 
     if args.device == "auto":
@@ -248,16 +241,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.iters = args.iters or (20 if cuda else 3)
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
     args.atol = (1e-3 if cuda else 1e-5) if args.atol is None else args.atol
-    for name in ("meta_batch_size", "iters", "repeats", "steps", "filters", "n_query"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
+    common.check_arguments(p, args, ("meta_batch_size", "iters", "repeats", "inner_steps", "filters", "n_query"),
+                           methods=list(SHORT_NAMES))
     if args.warmup < 0:
         p.error(f"--warmup = {args.warmup} is not allowed: it must be >= 0")
-    names = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in SHORT_NAMES]
-    if unknown or not names:
-        p.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {sorted(SHORT_NAMES)}")
-    args.methods = [n for n in METHODS if n in {SHORT_NAMES[m] for m in names}]
+    args.methods = [n for n in METHODS if n in {SHORT_NAMES[m] for m in args.methods}]
     return args
 
 
@@ -269,20 +257,20 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    threads = mmtl_lib.set_threads(args.threads)
+    threads = ml.set_threads(args.threads)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
 
     torch.manual_seed(args.seed)
-    initial = mmtl_lib.Conv4(N_WAY, filters=args.filters).to(device)
-    tasks = omniglot_shaped_batch(args.meta_batch_size, args.n_query, mmtl_lib.generator(args.seed), device)
+    initial = ml.Conv4(N_WAY, filters=args.filters).to(device)
+    tasks = omniglot_shaped_batch(args.meta_batch_size, args.n_query, ml.generator(args.seed), device)
 
-    print(f"device   {device.type}: {processor(device)}")
+    print(f"device   {device.type}: {ml.processor(device)}")
     print(f"torch    {torch.__version__}, {threads} thread(s)"
           + (f", CUDA {torch.version.cuda}, TF32 {'on' if args.tf32 else 'off'}" if cuda else ""))
     print(f"workload {N_WAY}-way {K_SHOT}-shot, {N_WAY * args.n_query} query images per task, Conv4 with "
-          f"{args.filters} filters, meta-batch {args.meta_batch_size}, {args.steps} inner step(s) at lr "
+          f"{args.filters} filters, meta-batch {args.meta_batch_size}, {args.inner_steps} inner step(s) at lr "
           f"{args.inner_lr}, second order, Adam")
 
     runners: dict[str, Runner] = {}
@@ -373,9 +361,9 @@ def main(argv=None) -> dict:
               "tasks/s on a shared machine; CPU/wall below 100% x threads: the process waited for a core")
 
     report = {
-        "device": device.type, "device_name": processor(device), "torch": torch.__version__,
+        "device": device.type, "device_name": ml.processor(device), "torch": torch.__version__,
         "python": sys.version.split()[0], "threads": threads, "tf32": args.tf32 if cuda else None,
-        "meta_batch_size": args.meta_batch_size, "steps": args.steps, "filters": args.filters,
+        "meta_batch_size": args.meta_batch_size, "inner_steps": args.inner_steps, "filters": args.filters,
         "n_way": N_WAY, "k_shot": K_SHOT, "n_query_per_class": args.n_query, "inner_lr": args.inner_lr,
         "outer_lr": args.outer_lr, "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup,
         "baseline": baseline, "peers": {m: _version(m) for m in ("learn2learn", "higher") if m in runners},
@@ -383,7 +371,7 @@ def main(argv=None) -> dict:
                            "first_order_contrast": contrast},
         "skipped": skipped, "results": results,
     }
-    save_report(args.json, report)
+    common.save_report(args.json, report)
     return report
 
 

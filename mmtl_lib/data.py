@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from .errors import ConfigError, DataError
 from .tasks import TaskBatch
 
 DRAWERS = 20
@@ -60,7 +61,7 @@ VINYALS_TEST_CHARACTERS = tuple(f"Gurmukhi/character{i}" for i in range(42, 46))
 VINYALS_SIZES = {"train": 1028, "val": 172, "test": 423, "trainval": 1200}
 
 
-class OmniglotNotFoundError(FileNotFoundError):
+class OmniglotNotFoundError(DataError, FileNotFoundError):
     """The Omniglot image folders are not where they were looked for (and could not be downloaded)."""
 
 
@@ -178,7 +179,7 @@ def _scan(folder: Path) -> tuple[list[str], list[list[Path]], int, str]:
                     key=lambda e: e.name,
                 )
                 if len(entries) != DRAWERS:
-                    raise RuntimeError(
+                    raise DataError(
                         f"{folder / half / alphabet / character} holds {len(entries)} PNGs; every "
                         f"Omniglot character has {DRAWERS} (one per drawer): is the copy complete?"
                     )
@@ -191,7 +192,7 @@ def _scan(folder: Path) -> tuple[list[str], list[list[Path]], int, str]:
     if not names:
         raise OmniglotNotFoundError(f"{folder} holds no character folders <Alphabet>/<characterNN>/*.png")
     if len(set(names)) != len(names):
-        raise RuntimeError(f"{folder}: the same Alphabet/characterNN appears in both halves")
+        raise DataError(f"{folder}: the same Alphabet/characterNN appears in both halves")
     fingerprint = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     return names, paths, n_background, fingerprint
 
@@ -341,14 +342,14 @@ def omniglot_split(
         n_train = checks.positive_int("n_train", n_train)
         n_val = checks.positive_int("n_val", n_val)
         if n_train >= n:
-            raise ValueError(
+            raise ConfigError(
                 f"n_train = {n_train} is not allowed: split='maml' needs fewer training characters "
                 f"than the {n} in the data, so that some are left to test on"
             )
         if validation and n_val >= n_train:
-            raise ValueError(f"n_val = {n_val} is not allowed: it must be < n_train = {n_train}")
+            raise ConfigError(f"n_val = {n_val} is not allowed: it must be < n_train = {n_train}")
         if subset == "val" and not validation:
-            raise ValueError(
+            raise ConfigError(
                 "subset = 'val' is not allowed with split='maml' and validation=False: pass "
                 f"validation=True to hold {n_val} of the {n_train} training characters out"
             )
@@ -360,7 +361,7 @@ def omniglot_split(
         }[subset]
     else:
         if n != N_CHARACTERS:
-            raise ValueError(
+            raise DataError(
                 f"split='vinyals' needs all {N_CHARACTERS} Omniglot characters (images_background "
                 f"and images_evaluation); the data has {n}"
             )
@@ -375,7 +376,7 @@ def omniglot_split(
                 in_subset.append(subset in ("train", "trainval"))
         chosen = torch.tensor(in_subset).nonzero().flatten()
         if len(chosen) != VINYALS_SIZES[subset]:
-            raise ValueError(
+            raise DataError(
                 f"split='vinyals', subset={subset!r} found {len(chosen)} characters, not the "
                 f"published {VINYALS_SIZES[subset]}: are these the canonical Omniglot folder names?"
             )
@@ -418,27 +419,27 @@ class EpisodeSampler:
         device="cpu",
     ):
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(
+            raise ConfigError(
                 "images must be a uint8 tensor [n_characters, n_drawers, image_size, image_size], "
                 f"got {getattr(images, 'dtype', type(images).__name__)} of shape "
                 f"{tuple(getattr(images, 'shape', ()))}"
             )
         n_characters, n_drawers, height, width = images.shape
         if height != width:
-            raise ValueError(f"images must be square to rotate them, got {height}x{width}")
+            raise ConfigError(f"images must be square to rotate them, got {height}x{width}")
         classes = torch.as_tensor(classes).cpu()
         if classes.dim() != 1 or classes.dtype not in (torch.int64, torch.int32) or len(classes) == 0:
-            raise ValueError(f"classes must be a non-empty 1-d int64 tensor, got {classes!r:.200}")
+            raise ConfigError(f"classes must be a non-empty 1-d int64 tensor, got {classes!r:.200}")
         if classes.min() < 0 or classes.max() >= 4 * n_characters:
-            raise ValueError(
+            raise ConfigError(
                 f"classes must lie in [0, {4 * n_characters}) for {n_characters} characters "
                 f"(id = quarter_turns * n_characters + character), got {classes.min()}..{classes.max()}"
             )
         if len(classes.unique()) != len(classes):
-            raise ValueError("classes holds duplicate class ids")
+            raise ConfigError("classes holds duplicate class ids")
         self.rotation = checks.one_of("rotation", rotation, ROTATIONS[:2])
         if rotation == "random" and bool((classes >= n_characters).any()):
-            raise ValueError(
+            raise ConfigError(
                 "rotation = 'random' is not allowed with rotated class ids (rotations as classes): "
                 "random turns would make the rotated classes of a character indistinguishable"
             )
@@ -446,11 +447,11 @@ class EpisodeSampler:
         self.k_shot = checks.positive_int("k_shot", k_shot)
         self.n_query = checks.positive_int("n_query", n_query)
         if self.n_way > len(classes):
-            raise ValueError(
+            raise ConfigError(
                 f"n_way = {n_way} is not allowed: it exceeds the {len(classes)} classes of this split"
             )
         if self.k_shot + self.n_query > n_drawers:
-            raise ValueError(
+            raise ConfigError(
                 f"k_shot + n_query = {self.k_shot + self.n_query} exceeds the {n_drawers} drawers "
                 f"per Omniglot character (k_shot = {k_shot}, n_query = {n_query})"
             )
@@ -566,7 +567,7 @@ def omniglot_tasks(
     for name, value in (("n_way", n_way), ("k_shot", k_shot), ("n_query", n_query)):
         checks.positive_int(name, value)
     if k_shot + n_query > DRAWERS:  # fail before loading anything
-        raise ValueError(
+        raise ConfigError(
             f"k_shot + n_query = {k_shot + n_query} exceeds the {DRAWERS} drawers per Omniglot "
             f"character (k_shot = {k_shot}, n_query = {n_query})"
         )

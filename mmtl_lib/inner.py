@@ -3,22 +3,39 @@
 Parameters are a dict ``name -> tensor`` and every forward pass goes through
 :func:`torch.func.functional_call`, so the model object is never modified. The inner gradients come
 from :func:`torch.func.grad`, which composes with ordinary autograd on the outside (MAML's
-meta-gradient) and with :func:`torch.func.vmap` over tasks (the batched backend in
-:mod:`mmtl_lib.algorithms`).
+meta-gradient) and with :func:`torch.func.vmap` over tasks (:func:`mmtl_lib.meta_loss`). What a
+step does with the gradient is an :class:`~mmtl_lib.optim.InnerOptimizer` (SGD by default).
+
+Every adaptation in the library goes through :func:`inner_loop`: MAML's training and test time,
+Reptile's Adam loop, the baselines' fine-tuning, the lookahead of learned task weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import checks
+from .optim import InnerOptimizer, sgd
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class Adapted(NamedTuple):
+    """A model adapted to one task: its parameters and the buffers it runs with.
+
+    Buffers are the model's own (copies) for most learners, or a task's modulation (MMAML's FiLM
+    scales and shifts); :meth:`mmtl_lib.Learner.predict` runs the model with both.
+    """
+
+    params: Params
+    buffers: Params
 
 
 def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, buffers=None) -> Tensor:
@@ -28,29 +45,34 @@ def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, buffers=N
     statistics in training mode updates the copies and never the model.
     """
     if buffers is None:
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
-    return functional_call(model, (dict(params), buffers), (x,))
+        buffers = buffer_copies(model)
+    return functional_call(model, (dict(params), dict(buffers)), (x,))
+
+
+def buffer_copies(model: nn.Module) -> Params:
+    """Copies of the model's buffers, for one adaptation to update without touching the model."""
+    return {name: b.clone() for name, b in model.named_buffers()}
 
 
 def _check_support(support) -> tuple[Tensor, Tensor]:
     if not isinstance(support, (tuple, list)) or len(support) != 2:
-        raise ValueError(f"support must be a tuple (x, y), got {type(support).__name__}")
+        raise checks.ConfigError(f"support must be a tuple (x, y), got {type(support).__name__}")
     x, y = support
     if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"support is empty: x has shape {tuple(x.shape)}; give at least one example")
+        raise checks.ConfigError(f"support is empty: x has shape {tuple(x.shape)}; give at least one example")
     if y.dim() == 0 or y.shape[0] != x.shape[0]:
-        raise ValueError(
+        raise checks.ConfigError(
             f"support x and y disagree: x has shape {tuple(x.shape)} and y {tuple(y.shape)}; "
             "they must have the same number of examples in dimension 0"
         )
     return x, y
 
 
-def _learning_rates(inner_lr, params: Mapping[str, Tensor], names: list[str]):
+def _learning_rates(inner_lr, params: Mapping[str, Tensor], names: list[str]) -> dict:
     if isinstance(inner_lr, Mapping):
         missing = [n for n in names if n not in inner_lr]
         if missing:
-            raise ValueError(f"inner_lr has no learning rate for the adapted parameters {missing}")
+            raise checks.ConfigError(f"inner_lr has no learning rate for the adapted parameters {missing}")
         for n in names:
             shape = torch.as_tensor(inner_lr[n]).shape
             try:
@@ -58,7 +80,7 @@ def _learning_rates(inner_lr, params: Mapping[str, Tensor], names: list[str]):
             except RuntimeError:
                 fits = False
             if not fits:
-                raise ValueError(
+                raise checks.ConfigError(
                     f"inner_lr[{n!r}] has shape {tuple(shape)}, which does not "
                     f"broadcast to the parameter's shape {tuple(params[n].shape)}"
                 )
@@ -74,22 +96,29 @@ def _clip(grads: Params, max_norm: float) -> Params:
     return {n: g * scale for n, g in grads.items()}
 
 
-def adapt(
+def inner_loop(
     model: nn.Module,
     params: Mapping[str, Tensor],
     support: tuple[Tensor, Tensor],
     loss_fn: LossFn,
     *,
-    steps: int,
+    inner_steps: int,
     inner_lr: float | Mapping[str, Tensor],
+    optimizer: InnerOptimizer | None = None,
     first_order: bool = False,
     adapt_names=None,
     buffers: Mapping[str, Tensor] | None = None,
-    grad_clip: float | None = None,
-) -> Params:
-    """Run ``steps`` SGD steps on the support loss and return the adapted parameters.
+    inner_grad_clip: float | None = None,
+    inner_batch_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Params]:
+    """The parameters before and after each inner step: ``phi_0 = params, phi_1, ..., phi_k``.
 
-    .. math:: \\phi_{j+1} = \\phi_j - \\alpha \\odot \\nabla_\\phi L_{support}(\\phi_j), \\quad \\phi_0 = \\theta
+    .. math:: \\phi_{j+1} = \\phi_j + \\mathrm{update}(\\nabla_\\phi L_{support}(\\phi_j)),
+        \\quad \\phi_0 = \\theta
+
+    with SGD's update ``-alpha * grad`` unless ``optimizer`` says otherwise. The arguments are
+    checked when this is called, not when the iterator is first advanced.
 
     Args:
         model: the network; only its structure is used, its parameters are never read or written.
@@ -97,47 +126,85 @@ def adapt(
         support: ``(x, y)`` with ``x`` of shape ``[n_support, *input_shape]`` and ``y`` of shape
             ``[n_support, *target_shape]``.
         loss_fn: ``loss_fn(prediction, y)`` -> scalar tensor, e.g. ``F.mse_loss``.
-        steps: number of inner gradient steps, >= 1.
-        inner_lr: a step size > 0, or a dict name -> tensor broadcastable to that parameter
-            (per-parameter rates, learned as in Meta-SGD; such rates may take any sign).
-        first_order: treat the inner gradients as constants (first-order MAML). The result is
-            still differentiable w.r.t. ``params``, with identity Jacobian.
+        inner_steps: ``k``, the number of inner steps, >= 0.
+        inner_lr: ``alpha``: a step size > 0, or a dict name -> tensor broadcastable to that
+            parameter (per-parameter rates, learned as in Meta-SGD; such rates may take any sign).
+        optimizer: what a step does with the gradient: :func:`mmtl_lib.sgd` (default) or
+            :func:`mmtl_lib.adam`; its state starts fresh at ``phi_0``.
+        first_order: treat the inner gradients as constants (first-order MAML, Reptile). The
+            result is still differentiable w.r.t. ``params``, with identity Jacobian.
         adapt_names: the parameters to adapt (ANIL: the head's); the others pass through
             unchanged. Defaults to the keys of ``inner_lr`` if it is a dict, else all of ``params``.
         buffers: name -> tensor for the model's buffers; defaults to copies of the model's own.
-        grad_clip: if given, rescale each step's inner gradient to at most this global norm.
+        inner_grad_clip: if given, rescale each step's gradient to at most this global norm.
+        inner_batch_size: examples per step, taken in turn from a random permutation of the
+            support set (``generator`` draws it; Reptile's mini-batches); ``None``: all of it.
 
-    Returns:
-        name -> tensor with the same keys as ``params``: differentiable w.r.t. ``params`` (and
-        tensor-valued ``inner_lr``) through every step unless ``first_order``.
+    Yields:
+        name -> tensor with the same keys as ``params``, ``inner_steps + 1`` times: each
+        differentiable w.r.t. ``params`` (and tensor-valued ``inner_lr``) through every step
+        unless ``first_order``.
     """
-    steps = checks.positive_int("steps", steps)
+    inner_steps = checks.non_negative_int("inner_steps", inner_steps)
     if not params:
-        raise ValueError("params is empty: pass e.g. dict(model.named_parameters())")
+        raise checks.ConfigError("params is empty: pass e.g. dict(model.named_parameters())")
     if isinstance(inner_lr, Mapping):
         checks.known_names("inner_lr", inner_lr, params)
     if adapt_names is None:
         adapt_names = list(inner_lr) if isinstance(inner_lr, Mapping) else list(params)
     names = checks.known_names("adapt_names", adapt_names, params)
     lrs = _learning_rates(inner_lr, params, names)
-    if grad_clip is not None:
-        grad_clip = checks.positive_float("grad_clip", grad_clip)
+    optimizer = sgd() if optimizer is None else optimizer
+    if not isinstance(optimizer, InnerOptimizer):
+        raise checks.ConfigError(
+            f"optimizer = {optimizer!r} is not allowed: it must be an InnerOptimizer such as "
+            "mmtl_lib.sgd() or mmtl_lib.adam()"
+        )
+    inner_grad_clip = checks.optional_positive_float("inner_grad_clip", inner_grad_clip)
     x, y = _check_support(support)
+    n = x.shape[0]
+    inner_batch_size = checks.optional_positive_int("inner_batch_size", inner_batch_size)
+    order = None if inner_batch_size is None else torch.randperm(n, generator=generator).to(x.device)
     if buffers is None:
-        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        buffers = buffer_copies(model)
+    return _steps(model, dict(params), x, y, loss_fn, inner_steps, lrs, optimizer, first_order, names,
+                  dict(buffers), inner_grad_clip, order, inner_batch_size)
 
-    fast = dict(params)
-    for _ in range(steps):
+
+def _steps(model, fast, x, y, loss_fn, inner_steps, lrs, optimizer, first_order, names, buffers, clip,
+           order, batch) -> Iterator[Params]:
+    yield fast
+    state = optimizer.init({n: fast[n] for n in names})
+    for step in range(inner_steps):
+        if order is None:
+            xb, yb = x, y
+        else:
+            idx = order[(step * batch + torch.arange(batch, device=order.device)) % len(order)]
+            xb, yb = x[idx], y[idx]
         # First order: differentiate a detached copy, so no graph for second derivatives is built.
         base = {n: t.detach() for n, t in fast.items()} if first_order else fast
 
-        def support_loss(adapted: Params, buffers: Params, base=base) -> Tensor:
-            return loss_fn(forward(model, {**base, **adapted}, x, buffers), y)
+        def support_loss(adapted: Params, buffers: Params, base=base, xb=xb, yb=yb) -> Tensor:
+            return loss_fn(forward(model, {**base, **adapted}, xb, buffers), yb)
 
         # Buffers are an argument, not a capture: BatchNorm may update its running statistics.
         grads = torch.func.grad(support_loss)({n: base[n] for n in names}, buffers)
-        if grad_clip is not None:
-            grads = _clip(grads, grad_clip)
-        for n in names:
-            fast[n] = fast[n] - lrs[n] * grads[n]
-    return fast
+        if clip is not None:
+            grads = _clip(grads, clip)
+        updates, state = optimizer.update(grads, state, lrs)
+        fast = {**fast, **{n: fast[n] + updates[n] for n in names}}
+        yield fast
+
+
+def adapt(model: nn.Module, params: Mapping[str, Tensor], support: tuple[Tensor, Tensor], loss_fn: LossFn,
+          **inner) -> Params:
+    """``phi_k``: the parameters after ``inner_steps`` steps on the support loss.
+
+    The arguments are those of :func:`inner_loop` (``inner_steps`` and ``inner_lr`` are required),
+    of which this is the last element.
+
+    Returns:
+        name -> tensor with the same keys as ``params``: differentiable w.r.t. ``params`` (and
+        tensor-valued ``inner_lr``) through every step unless ``first_order``.
+    """
+    return deque(inner_loop(model, params, support, loss_fn, **inner), maxlen=1)[0]

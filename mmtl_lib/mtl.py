@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checks
+from .errors import ConfigError
 
 Losses = Mapping[str, Tensor] | Tensor
 
@@ -59,7 +60,7 @@ class HardSharing(nn.Module):
     def __init__(self, trunk: nn.Module, heads: Mapping[str, nn.Module]):
         super().__init__()
         if not heads:
-            raise ValueError("heads is empty: give one head per task, e.g. {'depth': nn.Linear(64, 1)}")
+            raise ConfigError("heads is empty: give one head per task, e.g. {'depth': nn.Linear(64, 1)}")
         self.trunk = trunk
         self.heads = nn.ModuleDict(heads)
 
@@ -91,14 +92,14 @@ class HardSharing(nn.Module):
         """
         owners = [m for m in self.trunk.modules() if next(m.parameters(recurse=False), None) is not None]
         if not owners:
-            raise ValueError("the trunk has no parameters, so there is no last shared layer")
+            raise ConfigError("the trunk has no parameters, so there is no last shared layer")
         return list(owners[-1].parameters(recurse=False))
 
 
 def _known_tasks(tasks: Sequence[str], known) -> list[str]:
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"tasks {unknown} are not allowed: the tasks are {list(known)}")
+        raise ConfigError(f"tasks {unknown} are not allowed: the tasks are {list(known)}")
     return list(tasks)
 
 
@@ -117,9 +118,9 @@ class CrossStitchUnit(nn.Module):
         super().__init__()
         n = checks.positive_int("n_tasks", n_tasks)
         if n < 2:
-            raise ValueError(f"n_tasks = {n} is not allowed: cross-stitching needs at least 2 task columns")
+            raise ConfigError(f"n_tasks = {n} is not allowed: cross-stitching needs at least 2 task columns")
         if isinstance(self_weight, bool) or not isinstance(self_weight, numbers.Real) or not 0 <= self_weight <= 1:
-            raise ValueError(f"self_weight = {self_weight!r} is not allowed: it must be a number in [0, 1]")
+            raise ConfigError(f"self_weight = {self_weight!r} is not allowed: it must be a number in [0, 1]")
         other = (1 - self_weight) / (n - 1)
         alpha = torch.full((n, n), other) + (self_weight - other) * torch.eye(n)
         self.alpha = nn.Parameter(alpha)
@@ -150,9 +151,9 @@ class CrossStitch(nn.Module):
         super().__init__()
         depths = {t: len(blocks) for t, blocks in columns.items()}
         if len(depths) < 2:
-            raise ValueError(f"columns has {len(depths)} task(s): cross-stitching needs at least 2 task columns")
+            raise ConfigError(f"columns has {len(depths)} task(s): cross-stitching needs at least 2 task columns")
         if len(set(depths.values())) != 1 or 0 in depths.values():
-            raise ValueError(f"columns have {depths} blocks: every column must have the same number >= 1")
+            raise ConfigError(f"columns have {depths} blocks: every column must have the same number >= 1")
         self.columns = nn.ModuleDict({t: nn.ModuleList(blocks) for t, blocks in columns.items()})
         depth = next(iter(depths.values()))
         self.units = nn.ModuleList(CrossStitchUnit(len(columns), self_weight) for _ in range(depth - 1))
@@ -169,7 +170,7 @@ class CrossStitch(nn.Module):
             if k < len(self.units):
                 shapes = {t: tuple(h.shape) for t, h in zip(self.columns, hs)}
                 if len(set(shapes.values())) != 1:
-                    raise ValueError(f"block {k} gives activations of shapes {shapes}: a cross-stitch "
+                    raise ConfigError(f"block {k} gives activations of shapes {shapes}: a cross-stitch "
                                      "unit can only mix activations of one shape")
                 hs = list(self.units[k](torch.stack(hs)).unbind(0))
         return dict(zip(self.columns, hs))
@@ -199,7 +200,7 @@ def cross_stitch_mlp(
     """
     tasks = list(tasks)
     if len(set(tasks)) != len(tasks):
-        raise ValueError(f"tasks = {tasks} is not allowed: task names must be distinct")
+        raise ConfigError(f"tasks = {tasks} is not allowed: task names must be distinct")
     outs = dict(out_features) if isinstance(out_features, Mapping) else dict.fromkeys(tasks, out_features)
     _known_tasks(tasks, outs)
     columns = {}
@@ -251,22 +252,22 @@ class Weighting(nn.Module):
         if isinstance(losses, Mapping):
             names = list(losses)
             if len(names) != self.n_tasks:
-                raise ValueError(f"losses has {len(names)} entries {names}: this {type(self).__name__} "
+                raise ConfigError(f"losses has {len(names)} entries {names}: this {type(self).__name__} "
                                  f"was built for n_tasks = {self.n_tasks}")
             bad = {t: tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
                    for t, v in losses.items() if not isinstance(v, Tensor) or v.dim() != 0}
             if bad:
-                raise ValueError(f"losses {bad} are not scalar tensors: each task's loss must have shape ()")
+                raise ConfigError(f"losses {bad} are not scalar tensors: each task's loss must have shape ()")
             return torch.stack(list(losses.values()))
         if not isinstance(losses, Tensor) or losses.shape != (self.n_tasks,):
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(f"losses has shape {shape}: it must be a dict of scalar losses or a tensor of "
+            raise ConfigError(f"losses has shape {shape}: it must be a dict of scalar losses or a tensor of "
                              f"shape ({self.n_tasks},) for n_tasks = {self.n_tasks}")
         return losses
 
     def _required(self, shared: list[Tensor] | None) -> list[Tensor]:
         if not shared:
-            raise ValueError(f"shared_params = {shared!r} is not allowed for {type(self).__name__}: give the "
+            raise ConfigError(f"shared_params = {shared!r} is not allowed for {type(self).__name__}: give the "
                              "shared parameters, e.g. model.shared_parameters()")
         return shared
 
@@ -346,7 +347,7 @@ class GradNorm(Weighting):
     def __init__(self, n_tasks: int, alpha: float = 1.5, layer: Sequence[Tensor] | None = None):
         super().__init__(n_tasks)
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha >= 0:
-            raise ValueError(f"alpha = {alpha!r} is not allowed: it must be a number >= 0")
+            raise ConfigError(f"alpha = {alpha!r} is not allowed: it must be a number >= 0")
         self.alpha = float(alpha)
         self.layer = None if layer is None else list(layer)
         self.loss_weights = nn.Parameter(torch.ones(self.n_tasks))

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import checks
 from .data import DRAWERS
+from .errors import ConfigError
 
 ALPHABETS = (
     "Braille", "Cyrillic", "Futurama", "Greek", "Hebrew", "Japanese_(hiragana)", "Latin", "Tifinagh",
@@ -74,24 +75,24 @@ def alphabet_tasks(
     """
     if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != DRAWERS:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"images has shape {shape}: it must be [n_characters, {DRAWERS}, S, S]")
+        raise ConfigError(f"images has shape {shape}: it must be [n_characters, {DRAWERS}, S, S]")
     characters = list(characters)
     if len(characters) != images.shape[0]:
-        raise ValueError(f"characters has {len(characters)} names for {images.shape[0]} rows of images")
+        raise ConfigError(f"characters has {len(characters)} names for {images.shape[0]} rows of images")
     alphabets = list(alphabets)
     if not alphabets or len(set(alphabets)) != len(alphabets):
-        raise ValueError(f"alphabets = {alphabets} is not allowed: give at least one, each once")
+        raise ConfigError(f"alphabets = {alphabets} is not allowed: give at least one, each once")
     rows: dict[str, list[int]] = {}
     for i, name in enumerate(characters):
         rows.setdefault(name.split("/")[0], []).append(i)
     unknown = [a for a in alphabets if a not in rows]
     if unknown:
-        raise ValueError(f"alphabets {unknown} are not in the data: the alphabets are {sorted(rows)}")
+        raise ConfigError(f"alphabets {unknown} are not in the data: the alphabets are {sorted(rows)}")
     train = list(train_drawers)
     if (not train or len(set(train)) != len(train) or len(train) >= DRAWERS
             or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or not 0 <= d < DRAWERS
                    for d in train)):
-        raise ValueError(f"train_drawers = {train_drawers!r} is not allowed: it must be 1 to {DRAWERS - 1} "
+        raise ConfigError(f"train_drawers = {train_drawers!r} is not allowed: it must be 1 to {DRAWERS - 1} "
                          f"distinct drawers in 0..{DRAWERS - 1}, so that some drawers are left to test")
     test = [d for d in range(DRAWERS) if d not in train]
 
@@ -144,14 +145,14 @@ def gradnorm_regression(
     tasks are (the paper's 3.5 / 10). The scales ``sigma_t`` are log-spaced over
     ``[1, max_sigma]``. Inputs are uniform on ``[-1, 1]^in`` rescaled to unit norm; the returned
     ``x`` is multiplied by ``sqrt(in_features)`` so that the network sees features of variance ~1.
-    With the same ``generator`` state the draws equal the benchmark's ``make_problem``.
+    ``benchmarks/mtl_synthetic.py`` draws its problems with it.
     """
     n_tasks = checks.positive_int("n_tasks", n_tasks)
     for name, value in (("n_train", n_train), ("n_test", n_test), ("in_features", in_features),
                         ("out_features", out_features)):
         checks.positive_int(name, value)
     if isinstance(max_sigma, bool) or not isinstance(max_sigma, numbers.Real) or not max_sigma >= 1:
-        raise ValueError(f"max_sigma = {max_sigma!r} is not allowed: it must be a number >= 1")
+        raise ConfigError(f"max_sigma = {max_sigma!r} is not allowed: it must be a number >= 1")
     checks.positive_float("b_std", b_std)
     checks.positive_float("eps_std", eps_std)
     g = generator

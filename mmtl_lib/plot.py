@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .errors import ConfigError
+
 
 def sine_task(ax, amplitude: float, phase: float, *, x_range=(-5.0, 5.0), support=None,
               label="ground truth", color="C3", n_points=200, **line_kw):
@@ -51,7 +53,7 @@ def error_curve(ax, steps: Sequence[int], per_task: Mapping[int, Tensor], *, lab
     Args:
         per_task: step -> ``[n_tasks]`` tensor, as returned by :func:`mmtl_lib.evaluate`.
     """
-    from .algorithms import gaussian_ci95
+    from .evaluation import gaussian_ci95
 
     stats = [gaussian_ci95(per_task[s]) for s in steps]
     line, = ax.plot(steps, [m for m, _ in stats], marker=marker, linestyle=linestyle, color=color,
@@ -66,10 +68,10 @@ def smoothed(values: Sequence[float] | Tensor, window: int) -> tuple[Tensor, Ten
     readable training curve. A last, incomplete block is dropped."""
     values = torch.as_tensor(values, dtype=torch.float64).flatten()
     if window < 1:
-        raise ValueError(f"window = {window!r} is not allowed: it must be an integer >= 1")
+        raise ConfigError(f"window = {window!r} is not allowed: it must be an integer >= 1")
     n = values.numel() // window
     if n == 0:
-        raise ValueError(f"window = {window} is longer than the {values.numel()} values")
+        raise ConfigError(f"window = {window} is longer than the {values.numel()} values")
     means = values[: n * window].reshape(n, window).mean(1)
     centres = torch.arange(n, dtype=torch.float64) * window + (window + 1) / 2
     return centres, means
@@ -131,7 +133,7 @@ def learning_curve(ax, history: Sequence[Mapping], *, x: str = "iteration", trai
     train = [(r[x], r[train_key] * scale) for r in history if train_key in r]
     val = [(r[x], r[val_key] * scale) for r in history if val_key in r]
     if not train and not val:
-        raise ValueError(f"the history holds neither {train_key!r} nor {val_key!r}")
+        raise ConfigError(f"the history holds neither {train_key!r} nor {val_key!r}")
     if show_train and train:
         line, = ax.plot(*zip(*train), color=color, alpha=0.45, linewidth=1,
                         label=f"{label} training query".strip())

@@ -1,10 +1,15 @@
-"""Where and how computations run: device choice, thread count, seeded generators."""
+"""Where and how computations run: device, threads, allocator, precision, seeded generators, and
+the name of the machine a number was measured on."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+
+from .errors import ConfigError
 
 
 def default_device() -> torch.device:
@@ -27,7 +32,7 @@ def set_threads(n: int | None = None) -> int:
     if n is None:
         n = int(os.environ.get("MMTL_THREADS", "1"))
     if n < 1:
-        raise ValueError(f"n = {n} is not allowed: the thread count must be >= 1")
+        raise ConfigError(f"n = {n} is not allowed: the thread count must be >= 1")
     torch.set_num_threads(n)
     return n
 
@@ -39,8 +44,8 @@ def keep_freed_memory() -> bool:
     (under :func:`torch.func.vmap`, whole-meta-batch activations and their gradients). glibc serves
     big blocks with ``mmap`` and unmaps them on ``free``, and it trims the heap's top, so each
     iteration pays the page faults and zeroing again. Raising the mmap and trim thresholds and
-    padding the heap keeps those pages in the process. On the ``cpu`` preset this raised
-    throughput from 40 to 49 tasks/s (``python benchmarks/throughput.py --allocator``); the cost is
+    padding the heap keeps those pages in the process. ``benchmarks/allocator.py`` measured 1.05x
+    tasks/s for the ``cpu`` preset and 1.22x for the paper's 5-way 1-shot set-up; the cost is
     that the process keeps its peak heap. Returns ``True`` where it applied (Linux with glibc) and
     ``False`` elsewhere (macOS, Windows, musl), where it changes nothing.
     """
@@ -66,30 +71,6 @@ def generator(seed: int, device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def run_seeds(run_seed, seeds: int) -> tuple[list, float]:
-    """``[run_seed(0), ..., run_seed(seeds - 1)]`` and the seconds they took, reporting progress."""
-    import time
-
-    start, results = time.perf_counter(), []
-    for seed in range(seeds):
-        results.append(run_seed(seed))
-        print(f"seed {seed} done, {time.perf_counter() - start:.0f} s", flush=True)
-    return results, time.perf_counter() - start
-
-
-def save_report(path: str | None, report: dict) -> None:
-    """Write a benchmark's report as JSON to ``path`` (creating its folder); nothing if ``None``."""
-    if path is None:
-        return
-    import json
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    report = {"machine": machine(), **report}
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {path}")
-
-
 def processor(device: torch.device | str | None = None) -> str:
     """The GPU's name for a CUDA ``device`` (``None``: CUDA when present), else the CPU's model name."""
     if device is None:
@@ -111,16 +92,14 @@ def machine(device: torch.device | str | None = None) -> str:
             f"{torch.get_num_threads()} thread(s)")
 
 
-def check_arguments(parser, args, positive=(), methods=None) -> None:
-    """A benchmark's command-line checks: every name in ``positive`` must be >= 1, and a
-    comma-separated ``args.methods`` is split and checked against ``methods`` (in place).
-    A failure exits through ``parser.error`` with the option, its value and what is allowed."""
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: it must be >= 1")
-    if methods is not None:
-        chosen = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in chosen if m not in methods]
-        if unknown or not chosen:
-            parser.error(f"--methods = {args.methods!r}: unknown {unknown}; allowed: {', '.join(methods)}")
-        args.methods = chosen
+@contextmanager
+def precision(tf32: bool) -> Iterator[None]:
+    """Allow TF32 matrix products and convolutions on CUDA inside the block only (``tf32``), and
+    restore the process's settings after it, so that no other code runs at reduced precision."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

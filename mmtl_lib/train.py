@@ -1,9 +1,10 @@
-"""Meta-training loop for any :class:`~mmtl_lib.algorithms.Learner`, fit for notebooks and long runs.
+"""The outer loop: meta-train any :class:`~mmtl_lib.Learner`, fit for notebooks and long runs.
 
-One meta-iteration: draw ``meta_batch_size`` tasks, ``learner.meta_backward(tasks)`` fills the
-meta-gradient, the outer optimizer steps. Around it: periodic validation on held-out tasks, a
-JSON-friendly history, checkpoints that resume to the identical continuation (model, optimizer
-and every random state), a clear stop on a non-finite loss, and optional TF32/AMP on CUDA.
+One meta-iteration: draw ``meta_batch_size`` tasks from the sampler, ``learner.meta_backward(tasks)``
+fills the meta-gradient, the outer optimizer steps. Around it: periodic validation on held-out
+tasks, a JSON-friendly history, checkpoints that resume to the identical continuation (learner,
+optimizer and task generator), a clear stop on a non-finite loss, and optional TF32/AMP on CUDA
+scoped to the training step.
 """
 
 from __future__ import annotations
@@ -11,123 +12,96 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from . import checks
-from .algorithms import Learner, evaluate, gaussian_ci95
-from .tasks import TaskBatch
-
-Sampler = Callable[..., TaskBatch]
-"""``sample(meta_batch_size, generator=g) -> TaskBatch``, tensors already on the device."""
+from .errors import ConfigError, DataError
+from .evaluation import Metric, evaluate, per_task
+from .learners import Learner
+from .runtime import precision
+from .tasks import Sampler
 
 SCHEDULES = ("constant", "linear", "cosine")
+OPTIMIZERS = ("adam", "sgd")
 
 
-def evaluate_learner(
-    learner: Learner,
-    sample: Sampler,
-    *,
-    tasks: int = 600,
-    steps: int | None = None,
-    metric=None,
-    seed: int = 0,
-    batch_size: int = 25,
-) -> dict:
-    """Mean query metric over ``tasks`` freshly drawn tasks, after and before adaptation.
-
-    Each task is adapted on its own support set with ``steps`` inner steps (default: the
-    learner's ``test_steps``) and scored on its query set, so the score measures what the
-    algorithm promises: performance after adapting to a new task.
-
-    Returns:
-        ``{"metric": mean, "ci95": half-width of the 95% interval, "pre_metric": mean before
-        adaptation, "pre_ci95", "tasks", "steps"}``; ``metric`` is accuracy for classifiers.
-    """
-    tasks = checks.positive_int("tasks", tasks)
-    steps = learner.test_steps if steps is None else steps
-    generator = torch.Generator().manual_seed(seed)
-    post, pre, done = [], [], 0
-    while done < tasks:
-        n = min(batch_size, tasks - done)
-        result = evaluate(learner, sample(n, generator=generator), steps=[0, steps], metric=metric)
-        pre.append(result[0].cpu())
-        post.append(result[steps].cpu())
-        done += n
-    mean, ci = gaussian_ci95(torch.cat(post))
-    pre_mean, pre_ci = gaussian_ci95(torch.cat(pre))
-    return {"metric": mean, "ci95": ci, "pre_metric": pre_mean, "pre_ci95": pre_ci, "tasks": tasks, "steps": steps}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The meta-loss became NaN or infinite; the message says at which iteration."""
+class NonFiniteLossError(ConfigError, FloatingPointError):
+    """The meta-loss became NaN or infinite; the message says at which iteration and what to lower."""
 
 
 class Trainer:
-    """Meta-train ``learner`` on tasks from ``sample``.
+    """Meta-train ``learner`` on tasks from ``sampler``.
 
     Args:
-        learner: the algorithm, holding the model (already on ``device``).
-        sample: the training task sampler, ``sample(meta_batch_size, generator=g)``.
-        val_sample: optional validation sampler, scored every ``val_every`` iterations on
-            ``val_tasks`` tasks with a fixed seed (the same tasks each time).
-        metric: ``metric(prediction, y)`` for logging, e.g. :func:`mmtl_lib.accuracy`.
+        learner: the algorithm, holding the model (already on the sampler's device).
+        sampler: the training tasks, a :class:`~mmtl_lib.Sampler`.
+        meta_batch_size: tasks per meta-iteration.
         outer_lr, optimizer: the meta-optimizer, ``"adam"`` or ``"sgd"`` (Reptile's
             interpolation is SGD at ``outer_lr``).
         schedule: ``"constant"``, ``"linear"`` (to ``final_lr_fraction * outer_lr``, Reptile's
-            annealing) or ``"cosine"``, over ``iterations`` given to :meth:`fit`, or over its
+            annealing) or ``"cosine"``, over the ``iterations`` given to :meth:`fit`, or over its
             ``time_budget`` where that ends first.
-        seed: seeds the task generator and torch's global generators.
-        amp: bfloat16 autocast on CUDA; tf32: allow TF32 matmuls on CUDA.
+        val_sampler: optional validation tasks, scored every ``val_every`` iterations on
+            ``val_tasks`` tasks with a fixed seed (the same tasks each time).
+        metric: ``metric(prediction, y)`` for logging, e.g. :func:`mmtl_lib.accuracy`.
+        seed: seeds the generator that draws the training tasks (the only randomness here).
+        amp: bfloat16 autocast on CUDA; tf32: allow TF32 matrix products on CUDA, in the training
+            step only (:func:`mmtl_lib.runtime.precision`).
+        outer_grad_clip: if set, clip the meta-gradient to this global norm before each step.
     """
 
     def __init__(
         self,
         learner: Learner,
-        sample: Sampler,
+        sampler: Sampler,
         *,
         meta_batch_size: int,
         outer_lr: float,
         optimizer: str = "adam",
         schedule: str = "constant",
         final_lr_fraction: float = 0.0,
-        val_sample: Sampler | None = None,
+        val_sampler: Sampler | None = None,
         val_every: int = 500,
         val_tasks: int = 100,
-        metric=None,
+        metric: Metric | None = None,
         seed: int = 0,
         amp: bool = False,
         tf32: bool = False,
-        grad_clip: float | None = None,
+        outer_grad_clip: float | None = None,
     ):
-        self.learner, self.sample, self.val_sample, self.metric = learner, sample, val_sample, metric
+        if not isinstance(learner, Learner):
+            raise ConfigError(f"learner = {type(learner).__name__} is not allowed: it must be a mmtl_lib.Learner")
+        for name, s in (("sampler", sampler), ("val_sampler", val_sampler)):
+            if s is not None and not isinstance(s, Sampler):
+                raise ConfigError(f"{name} = {type(s).__name__} is not allowed: it must have "
+                                  "sample(meta_batch_size, generator=...)")
+        self.learner, self.sampler, self.val_sampler, self.metric = learner, sampler, val_sampler, metric
         self.meta_batch_size = checks.positive_int("meta_batch_size", meta_batch_size)
         self.outer_lr = checks.positive_float("outer_lr", outer_lr)
         self.schedule = checks.one_of("schedule", schedule, SCHEDULES)
-        self.final_lr_fraction = final_lr_fraction
+        if isinstance(final_lr_fraction, bool) or not 0 <= final_lr_fraction <= 1:
+            raise ConfigError(f"final_lr_fraction = {final_lr_fraction!r} is not allowed: it must lie in [0, 1]")
+        self.final_lr_fraction = float(final_lr_fraction)
         self.val_every = checks.positive_int("val_every", val_every)
         self.val_tasks = checks.positive_int("val_tasks", val_tasks)
-        self.grad_clip = grad_clip
+        self.outer_grad_clip = checks.optional_positive_float("outer_grad_clip", outer_grad_clip)
         params = learner.meta_parameters()
         if not params:
-            raise ValueError(f"{type(learner).__name__} has no meta-parameters to train")
-        checks.one_of("optimizer", optimizer, ("adam", "sgd"))
+            raise ConfigError(f"{type(learner).__name__} has no meta-parameters to train")
+        checks.one_of("optimizer", optimizer, OPTIMIZERS)
         self.optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=self.outer_lr)
-        self.generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(checks.non_negative_int("seed", seed))
+        self.amp, self.tf32 = bool(amp), bool(tf32)
         self.iteration, self.history, self.elapsed = 0, [], 0.0
+        self.iterations: int | None = None
+        """The schedule's length, set by :meth:`fit`; ``None``: no annealing."""
         self._time_budget: float | None = None
-        self.amp = amp
-        if tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
 
-    def _lr(self, iterations: int) -> float:
+    def _lr(self) -> float:
         # Progress through whichever budget ends first, so a time-budgeted run anneals too.
-        frac = self.iteration / max(iterations, 1)
+        frac = self.iteration / max(self.iterations, 1) if self.iterations else 0.0
         if self._time_budget:
             frac = max(frac, self.elapsed / self._time_budget)
         frac = min(frac, 1.0)
@@ -138,23 +112,24 @@ class Trainer:
             return self.outer_lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * frac)))
         return self.outer_lr
 
-    def step(self, iterations: int) -> dict:
+    def step(self) -> dict:
         """One meta-iteration; returns its logged metrics."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr(iterations)
-        tasks = self.sample(self.meta_batch_size, generator=self.generator)
+            group["lr"] = self._lr()
+        tasks = self.sampler.sample(self.meta_batch_size, generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         device_type = tasks.query[0].device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp and device_type == "cuda"):
+        with precision(self.tf32), torch.autocast(device_type, dtype=torch.bfloat16,
+                                                  enabled=self.amp and device_type == "cuda"):
             losses, predictions = self.learner.meta_backward(tasks)
         loss = losses.mean().item()
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"meta-loss is {loss} at iteration {self.iteration}: lower outer_lr or the inner "
-                "learning rate, or set grad_clip"
+                f"meta-loss is {loss} at iteration {self.iteration}: lower outer_lr or inner_lr, or set "
+                "inner_grad_clip (the inner loop's) or outer_grad_clip (the meta-gradient's)"
             )
-        if self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.learner.meta_parameters(), self.grad_clip)
+        if self.outer_grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.learner.meta_parameters(), self.outer_grad_clip)
         self.optimizer.step()
         self.iteration += 1
         record = {"iteration": self.iteration, "loss": loss}
@@ -163,8 +138,8 @@ class Trainer:
         return record
 
     def validate(self) -> dict:
-        result = evaluate_learner(self.learner, self.val_sample, tasks=self.val_tasks, metric=self.metric, seed=12345)
-        return {"val_metric": result["metric"], "val_ci95": result["ci95"]}
+        result = evaluate(self.learner, self.val_sampler, n_tasks=self.val_tasks, metric=self.metric, seed=12345)
+        return {"val_metric": result.mean(), "val_ci95": result.ci95()}
 
     def fit(
         self,
@@ -183,24 +158,24 @@ class Trainer:
         The history keeps one record every ``log_every`` iterations (the mean of the records
         in between) and one per validation.
         """
-        iterations = checks.positive_int("iterations", iterations)
-        if time_budget is not None:
-            checks.positive_float("time_budget", time_budget)
-        self._time_budget = time_budget
+        self.iterations = checks.positive_int("iterations", iterations)
+        self._time_budget = checks.optional_positive_float("time_budget", time_budget)
+        checkpoint_every = checks.positive_int("checkpoint_every", checkpoint_every)
+        log_every = checks.positive_int("log_every", log_every)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=iterations, initial=self.iteration, disable=not progress, mininterval=5, desc="meta-train")
         window: list[dict] = []
         while self.iteration < iterations:
             start = time.perf_counter()
-            window.append(self.step(iterations))
+            window.append(self.step())
             self.elapsed += time.perf_counter() - start  # training time only: validation is extra
             bar.update(1)
             done = self.iteration >= iterations or (time_budget is not None and self.elapsed >= time_budget)
             if len(window) >= log_every or done:
                 record = {k: sum(r[k] for r in window) / len(window) for k in window[-1]}
                 record.update(iteration=self.iteration, seconds=round(self.elapsed, 2))
-                if self.val_sample is not None and (self.iteration % self.val_every < len(window) or done):
+                if self.val_sampler is not None and (self.iteration % self.val_every < len(window) or done):
                     record.update(self.validate())
                 self.history.append(record)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "metric", "val_metric")})
@@ -217,8 +192,6 @@ class Trainer:
             "learner": self.learner.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "iteration": self.iteration,
             "elapsed": self.elapsed,
             "history": self.history,
@@ -228,9 +201,6 @@ class Trainer:
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.iteration, self.elapsed, self.history = state["iteration"], state["elapsed"], state["history"]
 
     def save(self, path: str | Path, **extra) -> None:
@@ -246,19 +216,14 @@ class Trainer:
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint with ``weights_only=True``; a missing or unreadable file raises
-    ``ValueError`` naming the path."""
+    :class:`~mmtl_lib.errors.DataError` naming the path."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+        raise DataError(f"checkpoint {str(path)!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {str(path)!r} could not be read ({type(error).__name__}: {error})") from error
+        raise DataError(f"checkpoint {str(path)!r} could not be read ({type(error).__name__}: {error})") from error
     if not isinstance(state, dict) or "learner" not in state:
-        raise ValueError(f"checkpoint {str(path)!r} is not an mmtl_lib checkpoint (no 'learner' entry)")
+        raise DataError(f"checkpoint {str(path)!r} is not an mmtl_lib checkpoint (no 'learner' entry)")
     return state
-
-
-def per_task(metric, predictions: Tensor, targets: Tensor) -> Tensor:
-    """``metric`` applied task by task: ``[meta_batch_size]``."""
-    return torch.stack([metric(p, y) for p, y in zip(predictions, targets)])

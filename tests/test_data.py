@@ -29,6 +29,7 @@ from mmtl_lib.data import (
     split_class_ids,
     user_cache_dir,
 )
+from mmtl_lib.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
 
@@ -192,7 +193,7 @@ def test_missing_data_error_names_every_folder_and_mmtl_data(tmp_path, monkeypat
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     with pytest.raises(OmniglotNotFoundError, match="MMTL_DATA") as error:
         load_omniglot(download=False)
-    assert isinstance(error.value, FileNotFoundError)
+    assert isinstance(error.value, FileNotFoundError) and isinstance(error.value, DataError)
     for folder in (tmp_path / "set-by-env", tmp_path / "xdg" / "mmtl"):
         for half in data.HALVES:
             assert str(folder / "omniglot-py" / half) in str(error.value)
@@ -218,7 +219,7 @@ def test_failed_download_is_reported_with_the_same_advice(tmp_path, monkeypatch)
 def test_character_without_twenty_drawers_is_an_error(tiny_root, tmp_path):
     folder = tiny_root / "omniglot-py" / "images_background" / TINY_ALPHABETS[1] / "character03"
     sorted(folder.iterdir())[-1].unlink()
-    with pytest.raises(RuntimeError, match="character03 holds 19 PNGs"):
+    with pytest.raises(DataError, match="character03 holds 19 PNGs"):
         load_omniglot(tiny_root, cache_dir=tmp_path / "cache", download=False)
 
 
@@ -381,34 +382,37 @@ ROTATED = torch.tensor([0, 1, 12 + 0])  # character 0, character 1, character 0 
 
 
 @pytest.mark.parametrize(
-    "call, match",
+    "call, match, error",
     [
-        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 13, 1, 1), r"n_way = 13 .*exceeds the 12 classes"),
+        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 13, 1, 1),
+         r"n_way = 13 .*exceeds the 12 classes", ConfigError),
         (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 5, 20),
-         r"k_shot \+ n_query = 25 exceeds the 20 drawers per Omniglot character"),
-        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 0, 1, 1), r"n_way = 0 is not allowed"),
-        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 0, 1), r"k_shot = 0 is not allowed"),
-        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 1, -1), r"n_query = -1 is not allowed"),
-        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 2.5, 1, 1), r"n_way = 2.5 is not allowed"),
-        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 1, 1).sample(0), r"meta_batch_size = 0"),
+         r"k_shot \+ n_query = 25 exceeds the 20 drawers per Omniglot character", ConfigError),
+        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 0, 1, 1), r"n_way = 0 is not allowed", ConfigError),
+        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 0, 1), r"k_shot = 0 is not allowed", ConfigError),
+        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 1, -1), r"n_query = -1 is not allowed", ConfigError),
+        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 2.5, 1, 1), r"n_way = 2.5 is not allowed", ConfigError),
+        (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 1, 1).sample(0), r"meta_batch_size = 0", ConfigError),
         (lambda: EpisodeSampler(IMAGES, torch.arange(12), 5, 1, 1, rotation="sideways"),
-         r"rotation = 'sideways' is not allowed: it must be one of"),
-        (lambda: EpisodeSampler(IMAGES, ROTATED, 2, 1, 1, rotation="random"), r"rotation = 'random' is not allowed"),
-        (lambda: EpisodeSampler(IMAGES.float(), torch.arange(12), 5, 1, 1), r"images must be a uint8 tensor"),
-        (lambda: EpisodeSampler(IMAGES, torch.tensor([0, 48]), 2, 1, 1), r"classes must lie in \[0, 48\)"),
-        (lambda: omniglot_split(NAMES, "lake"), r"split = 'lake' is not allowed: it must be one of"),
-        (lambda: omniglot_split(NAMES, "maml", "validation"), r"subset = 'validation' is not allowed"),
-        (lambda: omniglot_split(NAMES, "maml", "val"), r"subset = 'val' is not allowed .*validation=True"),
-        (lambda: omniglot_split(NAMES[:1000], "maml"), r"n_train = 1200 is not allowed"),
-        (lambda: omniglot_split(NAMES[:1000], "vinyals"), r"split='vinyals' needs all 1623 .* has 1000"),
-        (lambda: omniglot_split(NAMES, "vinyals"), r"found 1623 characters, not the published 1028"),
-        (lambda: load_omniglot(image_size=0, download=False), r"image_size = 0 is not allowed"),
+         r"rotation = 'sideways' is not allowed: it must be one of", ConfigError),
+        (lambda: EpisodeSampler(IMAGES, ROTATED, 2, 1, 1, rotation="random"),
+         r"rotation = 'random' is not allowed", ConfigError),
+        (lambda: EpisodeSampler(IMAGES.float(), torch.arange(12), 5, 1, 1),
+         r"images must be a uint8 tensor", ConfigError),
+        (lambda: EpisodeSampler(IMAGES, torch.tensor([0, 48]), 2, 1, 1), r"classes must lie in \[0, 48\)", ConfigError),
+        (lambda: omniglot_split(NAMES, "lake"), r"split = 'lake' is not allowed: it must be one of", ConfigError),
+        (lambda: omniglot_split(NAMES, "maml", "validation"), r"subset = 'validation' is not allowed", ConfigError),
+        (lambda: omniglot_split(NAMES, "maml", "val"), r"subset = 'val' is not allowed .*validation=True", ConfigError),
+        (lambda: omniglot_split(NAMES[:1000], "maml"), r"n_train = 1200 is not allowed", ConfigError),
+        (lambda: omniglot_split(NAMES[:1000], "vinyals"), r"split='vinyals' needs all 1623 .* has 1000", DataError),
+        (lambda: omniglot_split(NAMES, "vinyals"), r"found 1623 characters, not the published 1028", DataError),
+        (lambda: load_omniglot(image_size=0, download=False), r"image_size = 0 is not allowed", ConfigError),
         (lambda: omniglot_tasks(k_shot=5, n_query=16, download=False),
-         r"k_shot \+ n_query = 21 exceeds the 20 drawers"),
-        (lambda: omniglot_tasks(rotation="flip", download=False), r"rotation = 'flip' is not allowed"),
-        (lambda: omniglot_tasks(split="vinyal", download=False), r"split = 'vinyal' is not allowed"),
+         r"k_shot \+ n_query = 21 exceeds the 20 drawers", ConfigError),
+        (lambda: omniglot_tasks(rotation="flip", download=False), r"rotation = 'flip' is not allowed", ConfigError),
+        (lambda: omniglot_tasks(split="vinyal", download=False), r"split = 'vinyal' is not allowed", ConfigError),
     ],
 )
-def test_bad_arguments_raise_value_errors_that_name_them(call, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_raise_errors_that_name_them(call, match, error):
+    with pytest.raises(error, match=match):
         call()

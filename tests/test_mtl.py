@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mmtl_lib import mtl
+from mmtl_lib.errors import ConfigError
 
 
 def linear_tasks(n_tasks, seed):
@@ -70,15 +71,15 @@ def test_cross_stitch_default_initialisation_mixes_columns_with_rows_summing_to_
 
 
 def test_architectures_refuse_bad_arguments():
-    with pytest.raises(ValueError, match="heads is empty"):
+    with pytest.raises(ConfigError, match="heads is empty"):
         mtl.HardSharing(nn.Linear(2, 2), {})
-    with pytest.raises(ValueError, match=r"tasks \['z'\] are not allowed"):
+    with pytest.raises(ConfigError, match=r"tasks \['z'\] are not allowed"):
         hard_sharing()(torch.randn(1, 5), tasks=["z"])
-    with pytest.raises(ValueError, match="self_weight = 1.5"):
+    with pytest.raises(ConfigError, match="self_weight = 1.5"):
         mtl.CrossStitchUnit(2, 1.5)
-    with pytest.raises(ValueError, match="same number"):
+    with pytest.raises(ConfigError, match="same number"):
         mtl.CrossStitch({"a": [nn.Linear(2, 2)], "b": [nn.Linear(2, 2), nn.Linear(2, 2)]})
-    with pytest.raises(ValueError, match="of one shape"):
+    with pytest.raises(ConfigError, match="of one shape"):
         mtl.CrossStitch({"a": [nn.Linear(2, 2), nn.Linear(2, 1)], "b": [nn.Linear(2, 3), nn.Linear(3, 1)]})(
             torch.randn(1, 2))
 
@@ -248,17 +249,17 @@ def test_pcgrad_backward_writes_the_projected_sum_onto_the_shared_parameters():
 def test_weightings_accept_dicts_and_refuse_bad_input():
     assert torch.equal(mtl.EW(2).backward({"a": torch.tensor(1.0, requires_grad=True),
                                            "b": torch.tensor(2.0, requires_grad=True)})["weights"], torch.ones(2))
-    with pytest.raises(ValueError, match=r"losses has shape \(3,\).*n_tasks = 2"):
+    with pytest.raises(ConfigError, match=r"losses has shape \(3,\).*n_tasks = 2"):
         mtl.EW(2).backward(torch.ones(3, requires_grad=True))
-    with pytest.raises(ValueError, match="losses has 1 entries"):
+    with pytest.raises(ConfigError, match="losses has 1 entries"):
         mtl.UW(2).backward({"a": torch.tensor(1.0)})
-    with pytest.raises(ValueError, match="shared_params = None is not allowed for PCGrad"):
+    with pytest.raises(ConfigError, match="shared_params = None is not allowed for PCGrad"):
         mtl.PCGrad(2).backward(torch.ones(2, requires_grad=True))
-    with pytest.raises(ValueError, match="alpha = -1"):
+    with pytest.raises(ConfigError, match="alpha = -1"):
         mtl.GradNorm(2, alpha=-1)
-    with pytest.raises(ValueError, match="temperature = 0"):
+    with pytest.raises(ConfigError, match="temperature = 0"):
         mtl.DWA(2, temperature=0)
-    with pytest.raises(ValueError, match="n_tasks = 0"):
+    with pytest.raises(ConfigError, match="n_tasks = 0"):
         mtl.RLW(0)
 
 

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mmtl_lib import plot  # noqa: E402
+from mmtl_lib.errors import ConfigError  # noqa: E402
 from mmtl_lib.tasks import TaskBatch  # noqa: E402
 
 
@@ -51,6 +52,6 @@ def test_learning_curve_draws_training_and_validation_records_against_seconds():
     assert list(train.get_xdata()) == [1.0, 2.0, 3.0] and list(train.get_ydata()) == [30.0, 50.0, 60.0]
     assert list(val.get_xdata()) == [2.0, 3.0] and [round(v, 6) for v in val.get_ydata()] == [40.0, 55.0]
     assert val.get_color() == train.get_color() and val.get_label() == "MAML validation"
-    with pytest.raises(ValueError, match="neither"):
+    with pytest.raises(ConfigError, match="neither"):
         plot.learning_curve(ax, [{"iteration": 1, "loss": math.pi}])
     plt.close(fig)

@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import mmtl_lib as ml  # noqa: E402
 from mmtl_lib import gaussian_ci95, plot  # noqa: E402
 
 
@@ -15,7 +16,7 @@ def test_smoothed_returns_block_means_at_block_centres_and_drops_the_tail():
     centres, means = plot.smoothed(torch.arange(7.0), window=3)
     assert centres.tolist() == [2.0, 5.0]  # iterations 1..3 and 4..6, counted from 1
     assert means.tolist() == [1.0, 4.0]
-    with pytest.raises(ValueError, match="longer"):
+    with pytest.raises(ml.ConfigError, match="longer"):
         plot.smoothed([1.0, 2.0], window=3)
 
 
@@ -30,6 +31,12 @@ def test_error_curve_draws_the_mean_and_a_band_of_the_95_percent_interval():
     mean, half = gaussian_ci95(per_task[0])
     assert band[:, 1].max() == pytest.approx(mean + half)
     assert band[:, 1].min() == pytest.approx(0.6 - gaussian_ci95(per_task[1])[1])
+    plt.close(fig)
+    # an Evaluation draws the same
+    fig, ax = plt.subplots()
+    plot.error_curve(ax, [0, 1], ml.Evaluation(per_task), label="MAML")
+    assert [round(y, 6) for y in ax.get_lines()[0].get_ydata()] == [2.0, 0.6]
+    assert (ax.collections[0].get_paths()[0].vertices == band).all()
     plt.close(fig)
 
 

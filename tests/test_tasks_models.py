@@ -7,7 +7,7 @@ import mmtl_lib as ml
 
 
 def test_sinusoid_matches_the_maml_paper_distribution():
-    tasks = ml.Sinusoid().sample(2000, 5, 7, generator=ml.generator(0))
+    tasks = ml.Sinusoid(5, 7).sample(2000, generator=ml.generator(0))
     (sx, sy), (_, qy) = tasks.support, tasks.query
     assert sx.shape == (2000, 5, 1) and qy.shape == (2000, 7, 1)
     amp, phase = tasks.info["amplitude"], tasks.info["phase"]
@@ -18,18 +18,48 @@ def test_sinusoid_matches_the_maml_paper_distribution():
 
 
 def test_sampling_is_repeatable_by_seed():
-    a = ml.Sinusoid().sample(3, 4, 4, generator=ml.generator(7))
-    b = ml.Sinusoid().sample(3, 4, 4, generator=ml.generator(7))
-    c = ml.Sinusoid().sample(3, 4, 4, generator=ml.generator(8))
+    a = ml.Sinusoid(4, 4).sample(3, generator=ml.generator(7))
+    b = ml.Sinusoid(4, 4).sample(3, generator=ml.generator(7))
+    c = ml.Sinusoid(4, 4).sample(3, generator=ml.generator(8))
     assert torch.equal(a.support[0], b.support[0]) and not torch.equal(a.support[0], c.support[0])
 
 
 def test_task_batch_indexing_and_device_move():
-    tasks = ml.Sinusoid().sample(3, 4, 5)
+    tasks = ml.Sinusoid(4, 5).sample(3)
     t = tasks.task(1)
     assert t.support[0].shape == (4, 1) and t.info["amplitude"].shape == ()
-    assert tasks.n_tasks == 3
+    assert tasks.n_tasks == 3 and tasks.check() is tasks
     assert tasks.to("cpu").query[1].shape == (3, 5, 1)
+    part = tasks.slice(1, 3)
+    assert part.n_tasks == 2 and torch.equal(part.support[0][0], t.support[0])
+    assert torch.equal(part.info["phase"], tasks.info["phase"][1:])
+
+
+def test_task_families_are_samplers_and_bound_methods_are_not():
+    images = torch.zeros(6, 20, 4, 4, dtype=torch.uint8)
+    families = [(ml.Sinusoid(2, 3), 3), (ml.SinusoidTaskSet.imbalanced(2, 3), 3), (ml.MultimodalFunctions(2, 3), 3),
+                (ml.EpisodeSampler(images, torch.arange(6), 3, 2, 3), 3 * 3)]
+    for family, n_query in families:
+        assert isinstance(family, ml.Sampler)
+        batch = family.sample(2, generator=ml.generator(0))
+        assert isinstance(batch, ml.TaskBatch) and batch.n_tasks == 2 and batch.query[0].shape[1] == n_query
+    assert not isinstance(ml.Sinusoid(2, 3).sample, ml.Sampler)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ml.Sinusoid(0, 3), r"k_shot = 0 is not allowed"),
+    (lambda: ml.Sinusoid(3, -1), r"n_query = -1 is not allowed"),
+    (lambda: ml.Sinusoid(3, 3, amplitude=(5.0, 0.1)), r"amplitude = \(5.0, 0.1\) is not allowed"),
+    (lambda: ml.Sinusoid(3, 3).sample(0), r"meta_batch_size = 0 is not allowed"),
+    (lambda: ml.MultimodalFunctions(3, 3, modes=("cubic",)), r"modes = 'cubic' is not allowed"),
+    (lambda: ml.MultimodalFunctions(3, 3, modes=()), r"modes is empty"),
+    (lambda: ml.MultimodalFunctions(3, 3, noise_std=-1.0), r"noise_std = -1.0 is not allowed"),
+    (lambda: ml.head_names(torch.nn.Linear(2, 2)), r"Linear has no submodule 'head'"),
+    (lambda: ml.set_threads(0), r"n = 0 is not allowed"),
+])
+def test_task_families_and_models_refuse_bad_arguments_by_name(call, match):
+    with pytest.raises(ml.ConfigError, match=match):
+        call()
 
 
 def test_conv4_shapes_follow_the_maml_paper():
@@ -69,16 +99,6 @@ def test_library_batch_norm_equals_torch_batch_norm_in_value_and_gradient():
     assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb))
 
 
-def test_benchmark_reports_record_the_machine(tmp_path, capsys):
-    from mmtl_lib.runtime import machine, run_seeds, save_report
-
-    results, seconds = run_seeds(lambda seed: seed * 2, 3)
-    assert results == [0, 2, 4] and seconds >= 0
-    save_report(str(tmp_path / "out" / "r.json"), {"x": 1})
-    report = __import__("json").loads((tmp_path / "out" / "r.json").read_text())
-    assert report == {"machine": machine(), "x": 1} and "torch" in report["machine"]
-
-
 def test_processor_names_the_cpu_model_from_proc_cpuinfo(monkeypatch):
     import builtins
     import io
@@ -100,23 +120,6 @@ def test_processor_names_the_cpu_model_from_proc_cpuinfo(monkeypatch):
     assert ml.processor("cpu") == (platform.processor() or platform.machine())
 
 
-def test_benchmark_argument_checks_name_the_option(capsys):
-    import argparse
-
-    from mmtl_lib.runtime import check_arguments
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--methods", default="EW,STL")
-    args = p.parse_args([])
-    check_arguments(p, args, ("seeds",), ("EW", "STL"))
-    assert args.methods == ["EW", "STL"]
-    for argv, message in ((["--seeds", "0"], "--seeds = 0 is not allowed"), (["--methods", "EW,X"], "unknown ['X']")):
-        with pytest.raises(SystemExit) as exit_info:
-            check_arguments(p, p.parse_args(argv), ("seeds",), ("EW", "STL"))
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
-
-
 def test_zero_head_takes_one_inner_step_to_a_prototype_classifier():
     torch.manual_seed(0)
     n_way, k_shot, alpha = 5, 2, 0.4
@@ -125,12 +128,12 @@ def test_zero_head_takes_one_inner_step_to_a_prototype_classifier():
     x = torch.randn(n_way * k_shot, 1, 14, 14, dtype=torch.float64)
     y = torch.arange(n_way).repeat_interleave(k_shot)
     params = dict(model.named_parameters())
-    adapted = ml.adapt(model, params, (x, y), torch.nn.functional.cross_entropy, steps=1, inner_lr=alpha)
+    adapted = ml.adapt(model, params, (x, y), torch.nn.functional.cross_entropy, inner_steps=1, inner_lr=alpha)
     features = model.body(x).detach()
     mu_c = features.view(n_way, k_shot, -1).mean(1)
     expected = alpha / n_way * (mu_c - features.mean(0))
     torch.testing.assert_close(adapted["head.weight"], expected, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(adapted["head.bias"], torch.zeros(n_way, dtype=torch.float64), rtol=0, atol=1e-15)
     torch.testing.assert_close(adapted["body.0.0.weight"], params["body.0.0.weight"])  # no signal reaches the body
-    with pytest.raises(ValueError, match="head_init"):
+    with pytest.raises(ml.ConfigError, match="head_init = 'small' is not allowed"):
         ml.Conv4(5, head_init="small")
