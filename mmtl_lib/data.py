@@ -46,7 +46,11 @@ HALVES = ("images_background", "images_evaluation")
 SPLITS = ("maml", "vinyals")
 SUBSETS = ("train", "val", "test", "trainval")
 ROTATIONS = ("none", "random", "classes")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the cache stores content hashes of its images and character names
+PNG_SIZE = 105
+"""Side of every Omniglot PNG, in pixels."""
+PNG_MODES = ("1", "L")
+"""The PIL modes an Omniglot PNG may have: 1-bit (as published) or 8-bit grey."""
 
 # The Vinyals et al. (2016) split as published with Prototypical Networks (Snell et al. 2017,
 # data/omniglot/splits/vinyals/*.txt): whole alphabets, except that Gurmukhi's characters 42-45 are
@@ -198,11 +202,32 @@ def _scan(folder: Path) -> tuple[list[str], list[list[Path]], int, str]:
 
 
 def _decode(path: Path, image_size: int) -> np.ndarray:
-    """One PNG -> ``uint8`` ``[image_size, image_size]``, ink 255 on background 0."""
+    """One PNG -> ``uint8`` ``[image_size, image_size]``, ink 255 on background 0.
+
+    Refuses, rather than converts, a file that is not an Omniglot PNG (``PNG_SIZE`` square, mode
+    ``"1"`` or ``"L"``): squashing a colour image of another size into the tensor would train on
+    something that is not the data set without anyone noticing.
+
+    Raises:
+        DataError: the file cannot be decoded (truncated, corrupt) or is not an Omniglot PNG; the
+            message names the file.
+    """
     from PIL import Image
 
-    with Image.open(path) as image:
-        gray = image.convert("L")  # 1-bit -> 0/255, so that Lanczos can antialias
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG" or image.size != (PNG_SIZE, PNG_SIZE) or image.mode not in PNG_MODES:
+                width, height = image.size
+                raise DataError(
+                    f"{path} is a {width}x{height} {image.format} image of mode {image.mode!r}, not an "
+                    f"Omniglot image: those are {PNG_SIZE}x{PNG_SIZE} PNGs of mode "
+                    f"{' or '.join(map(repr, PNG_MODES))}; restore the original file"
+                )
+            gray = image.convert("L")  # 1-bit -> 0/255, so that Lanczos can antialias
+    # what PIL raises for a truncated or corrupt file (SyntaxError: a broken PNG chunk)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"{path} cannot be decoded ({error}): the file is truncated or corrupt; "
+                        "restore the original") from error
     if gray.size != (image_size, image_size):
         gray = gray.resize((image_size, image_size), Image.Resampling.LANCZOS)
     return 255 - np.asarray(gray, dtype=np.uint8)
@@ -230,12 +255,19 @@ def load_omniglot(
         verbose: print where the data came from and how long it took.
 
     The cache stores a fingerprint of the PNG files (every path, size and modification time);
-    when it disagrees with the folder, the tensor is rebuilt. A full build decodes 32,460 PNGs
-    (about 7 s on one laptop core); a cached load takes a fraction of a second.
+    when it disagrees with the folder, the tensor is rebuilt. It also stores SHA-256 hashes of
+    the image tensor and of the character names, checked on every load (about 15 ms for the 25 MB
+    of 28-pixel images): a cache whose bytes were damaged is rebuilt with a warning that names
+    it, instead of feeding wrong images to a run. A full build decodes 32,460 PNGs (about 7 s on
+    one laptop core); a cached load takes a fraction of a second.
 
     Returns:
         an :class:`OmniglotImages`: ``images`` ``[n_characters, 20, image_size, image_size]``,
         the character names and the number from ``images_background``.
+
+    Raises:
+        DataError: a character folder without 20 PNGs, or a PNG that is truncated, corrupt or
+            not an Omniglot image (each message names the file or folder).
     """
     image_size = checks.positive_int("image_size", image_size)
     start = time.perf_counter()
@@ -245,20 +277,11 @@ def load_omniglot(
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
     cache_file = cache_dir / f"omniglot_{image_size}px_{key}.pt"
     if cache_file.is_file() and not rebuild:
-        try:
-            cached = torch.load(cache_file, weights_only=True)
-        except Exception as error:  # truncated or from an incompatible version: rebuild
-            warnings.warn(f"ignoring the unreadable cache {cache_file}: {error!r}", stacklevel=2)
-            cached = {}
-        if (
-            cached.get("format") == CACHE_FORMAT
-            and cached.get("fingerprint") == fingerprint
-            and cached.get("image_size") == image_size
-            and list(cached.get("characters", ())) == names
-        ):
+        images = _cached_images(cache_file, fingerprint, image_size, names)
+        if images is not None:
             if verbose:
                 print(f"Omniglot from the cache {cache_file} ({time.perf_counter() - start:.2f} s)")
-            return OmniglotImages(cached["images"], tuple(names), n_background)
+            return OmniglotImages(images, tuple(names), n_background)
     images = np.empty((len(names), DRAWERS, image_size, image_size), dtype=np.uint8)
     for i, character in enumerate(paths):
         for j, path in enumerate(character):
@@ -267,6 +290,7 @@ def load_omniglot(
     record = {
         "format": CACHE_FORMAT, "fingerprint": fingerprint, "image_size": image_size,
         "characters": names, "n_background": n_background, "images": data.images,
+        "images_sha256": _tensor_sha256(data.images), "characters_sha256": _names_sha256(names),
     }
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +305,48 @@ def load_omniglot(
             f"({len(names)} characters), cached in {cache_file}"
         )
     return data
+
+
+def _tensor_sha256(images: Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().data).hexdigest()
+
+
+def _names_sha256(names: Sequence[str]) -> str:
+    """SHA-256 of the names, one line each (every line ends in a newline)."""
+    return hashlib.sha256("".join(f"{name}\n" for name in names).encode()).hexdigest()
+
+
+def _cached_images(cache_file: Path, fingerprint: str, image_size: int, names: list[str]) -> Tensor | None:
+    """The images of ``cache_file`` if it was built from these files and is intact, else ``None``.
+
+    A cache built from other files (or by another version) is stale and silently rebuilt; one
+    whose content fails its hashes, or that cannot be read, is damaged, and the rebuild warns.
+    """
+    def damaged(why: str) -> None:
+        warnings.warn(f"the Omniglot cache {cache_file} is damaged ({why}): rebuilding it", stacklevel=4)
+
+    try:
+        cached = torch.load(cache_file, weights_only=True)
+    except Exception as error:  # whatever unpickling a damaged file raises: the cache is rebuilt
+        return damaged(f"unreadable: {error!r}")
+    if not isinstance(cached, dict):
+        return damaged(f"it holds a {type(cached).__name__}, not a cache record")
+    if (
+        cached.get("format") != CACHE_FORMAT
+        or cached.get("fingerprint") != fingerprint
+        or cached.get("image_size") != image_size
+        or list(cached.get("characters", ())) != names
+    ):
+        return None
+    images = cached.get("images")
+    shape = (len(names), DRAWERS, image_size, image_size)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
+        return damaged(f"its images are not a uint8 tensor of shape {shape}")
+    if cached.get("characters_sha256") != _names_sha256(names):
+        return damaged("its character names do not match their stored hash")
+    if cached.get("images_sha256") != _tensor_sha256(images):
+        return damaged("its images do not match their stored hash")
+    return images
 
 
 def class_ids(characters: Tensor, quarter_turns: Tensor | int, n_characters: int) -> Tensor:
@@ -405,6 +471,8 @@ class EpisodeSampler:
             reference code's augmentation); not allowed with rotated class ids, since it would
             turn rotated classes into each other.
         device: where the images live and the batches are built.
+        characters: the names of the ``n_characters`` image rows, ``OmniglotImages.characters``;
+            they make :meth:`identity` name the classes (``None``: it hashes class ids only).
     """
 
     def __init__(
@@ -417,6 +485,7 @@ class EpisodeSampler:
         *,
         rotation: str = "none",
         device="cpu",
+        characters: Sequence[str] | None = None,
     ):
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             raise ConfigError(
@@ -437,6 +506,14 @@ class EpisodeSampler:
             )
         if len(classes.unique()) != len(classes):
             raise ConfigError("classes holds duplicate class ids")
+        if characters is not None:
+            characters = tuple(characters)
+            if len(characters) != n_characters or not all(isinstance(c, str) for c in characters):
+                raise ConfigError(
+                    f"characters must be the {n_characters} names of the image rows (strings), got "
+                    f"{len(characters)} entries"
+                )
+        self.characters = characters
         self.rotation = checks.one_of("rotation", rotation, ROTATIONS[:2])
         if rotation == "random" and bool((classes >= n_characters).any()):
             raise ConfigError(
@@ -472,6 +549,26 @@ class EpisodeSampler:
     @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    def identity(self) -> dict:
+        """What this sampler draws from, in plain JSON values, for a checkpoint to record and compare.
+
+        ``{"dataset": "omniglot", "image_size", "n_classes", "classes_sha256", "rotation",
+        "named"}``. ``classes_sha256`` is the SHA-256 of one line per class, in the order of
+        ``classes``, each ending in a newline: ``"Alphabet/characterNN@rotD"`` with ``D`` the
+        degrees its class id turns it by (0, 90, 180, 270). So any change to which characters a
+        split holds (an alphabet missing from the data folder reshuffles the ``"maml"`` split)
+        changes it. Built without ``characters``, the lines are ``"#index@rotD"`` (an image row
+        index) and ``"named"`` is false: such an identity cannot tell data sets with the same
+        number of characters apart.
+        """
+        characters, turns = split_class_ids(self.classes, self.n_characters)
+        names = self.characters if self.characters is not None else [f"#{i}" for i in range(self.n_characters)]
+        lines = [f"{names[c]}@rot{90 * k}" for c, k in zip(characters.tolist(), turns.tolist())]
+        return {
+            "dataset": "omniglot", "image_size": int(self.image_size), "n_classes": self.n_classes,
+            "classes_sha256": _names_sha256(lines), "rotation": self.rotation, "named": self.characters is not None,
+        }
 
     def __repr__(self) -> str:
         return (
@@ -578,5 +675,5 @@ def omniglot_tasks(
     )
     return EpisodeSampler(
         data.images, classes, n_way, k_shot, n_query,
-        rotation="random" if rotation == "random" else "none", device=device,
+        rotation="random" if rotation == "random" else "none", device=device, characters=data.characters,
     )

@@ -29,7 +29,15 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 def gaussian_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal-approximation 95% confidence interval of ``values`` ``[n]``."""
+    """Mean and half-width of the normal-approximation 95% confidence interval of ``values`` ``[n]``.
+
+    With one value the sample standard deviation, and so the interval, is undefined: the
+    half-width is NaN (not 0, which would claim a certainty one task cannot give). A report
+    written as JSON shows it as ``null``.
+
+    Raises:
+        ConfigError: ``values`` is empty.
+    """
     values = values.double()
     n = values.numel()
     if n == 0:
@@ -69,7 +77,7 @@ class Evaluation:
         return gaussian_ci95(self.scores[self._steps(inner_steps)])[0]
 
     def ci95(self, inner_steps: int | None = None) -> float:
-        """Half-width of the 95% interval of :meth:`mean`."""
+        """Half-width of the 95% interval of :meth:`mean`; NaN for one task (see :func:`gaussian_ci95`)."""
         return gaussian_ci95(self.scores[self._steps(inner_steps)])[1]
 
     def _steps(self, inner_steps):
@@ -77,7 +85,8 @@ class Evaluation:
 
     def summary(self) -> dict:
         """Plain numbers for a report: ``metric`` and ``ci95`` after the largest step count,
-        ``pre_metric`` and ``pre_ci95`` before adaptation, ``tasks`` and ``inner_steps``."""
+        ``pre_metric`` and ``pre_ci95`` before adaptation, ``tasks`` and ``inner_steps``. The
+        intervals are NaN for one task."""
         return {"metric": self.mean(), "ci95": self.ci95(), "pre_metric": self.mean(0), "pre_ci95": self.ci95(0),
                 "tasks": self.n_tasks, "inner_steps": max(self.scores)}
 
@@ -119,7 +128,12 @@ def evaluate(
 
     Returns:
         an :class:`Evaluation`: step count -> per-task metric ``[n_tasks]``, with means and
-        95% intervals.
+        95% intervals (NaN for a single task).
+
+    Raises:
+        ConfigError: an empty task batch, support and query of different task counts,
+            ``inner_steps=[]``, or another bad argument.
+        DataError: tasks holding NaN or infinite values (:meth:`~mmtl_lib.TaskBatch.check`).
     """
     counts = _step_counts(learner, inner_steps)
     checks.one_of("backend", backend, ("auto", *BACKENDS))

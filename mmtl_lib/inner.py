@@ -68,6 +68,32 @@ def _check_support(support) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def _check_params(model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    """Refuse params that are not the model's: a missing name would silently run with the model's
+    own tensor (``functional_call`` falls back to it), an extra one would be ignored.
+
+    Under :func:`torch.func.vmap` a tensor's ``shape`` is the per-task shape, so the comparison
+    holds there too. It costs a walk over the model's parameters, microseconds per task.
+    """
+    expected = dict(model.named_parameters())
+    if params.keys() != expected.keys():
+        missing = [n for n in expected if n not in params]
+        extra = [n for n in params if n not in expected]
+        raise checks.ConfigError(
+            f"params does not match the model's parameters: missing {missing}, not in the model {extra}; "
+            "pass one tensor for each name of model.named_parameters(), e.g. dict(model.named_parameters())"
+        )
+    wrong = {
+        n: (tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__, tuple(expected[n].shape))
+        for n, t in params.items() if not isinstance(t, Tensor) or t.shape != expected[n].shape
+    }
+    if wrong:
+        raise checks.ConfigError(
+            "params has tensors of the wrong shape: "
+            + ", ".join(f"params[{n!r}] is {got}, the model's is {want}" for n, (got, want) in wrong.items())
+        )
+
+
 def _learning_rates(inner_lr, params: Mapping[str, Tensor], names: list[str]) -> dict:
     if isinstance(inner_lr, Mapping):
         missing = [n for n in names if n not in inner_lr]
@@ -122,7 +148,9 @@ def inner_loop(
 
     Args:
         model: the network; only its structure is used, its parameters are never read or written.
-        params: name -> tensor, e.g. ``dict(model.named_parameters())``.
+        params: name -> tensor, e.g. ``dict(model.named_parameters())``: exactly the names of
+            ``model.named_parameters()``, each with the shape of the model's parameter (else
+            :class:`~mmtl_lib.errors.ConfigError`, naming the names or shapes that differ).
         support: ``(x, y)`` with ``x`` of shape ``[n_support, *input_shape]`` and ``y`` of shape
             ``[n_support, *target_shape]``.
         loss_fn: ``loss_fn(prediction, y)`` -> scalar tensor, e.g. ``F.mse_loss``.
@@ -148,6 +176,7 @@ def inner_loop(
     inner_steps = checks.non_negative_int("inner_steps", inner_steps)
     if not params:
         raise checks.ConfigError("params is empty: pass e.g. dict(model.named_parameters())")
+    _check_params(model, params)
     if isinstance(inner_lr, Mapping):
         checks.known_names("inner_lr", inner_lr, params)
     if adapt_names is None:

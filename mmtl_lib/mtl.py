@@ -232,6 +232,10 @@ class Weighting(nn.Module):
     def backward(self, losses: Losses, shared_params: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
         """Fill ``.grad`` from the task losses.
 
+        A NaN or infinite loss is refused before anything is computed: it would otherwise be
+        absorbed into learned state that outlives the step (UW's log-variances, GradNorm's weights
+        and initial losses, DWA's loss history) and poison every later step.
+
         Args:
             losses: ``[T]`` tensor of scalar losses, or a dict task -> scalar loss whose order is
                 the task order (``T = n_tasks`` entries either way).
@@ -242,8 +246,21 @@ class Weighting(nn.Module):
         Returns:
             name -> detached tensor; ``"weights"`` ``[T]`` is the loss weights used in this step,
             where the method has any.
+
+        Raises:
+            ConfigError: ``losses`` has the wrong number of entries or shapes, or a task's loss is
+                NaN or infinite (the message names the tasks); no gradient or state was changed.
         """
-        return self._backward(self._as_vector(losses), None if shared_params is None else list(shared_params))
+        vector = self._as_vector(losses)
+        finite = torch.isfinite(vector.detach())
+        if not bool(finite.all()):
+            names = list(losses) if isinstance(losses, Mapping) else [f"task {t}" for t in range(self.n_tasks)]
+            bad = {names[t]: vector[t].item() for t in (~finite).nonzero().flatten().tolist()}
+            raise ConfigError(
+                f"losses {bad} are not finite: {type(self).__name__} refuses them before updating its "
+                "weights or history; find where the loss diverged (learning rate, data)"
+            )
+        return self._backward(vector, None if shared_params is None else list(shared_params))
 
     def _backward(self, losses: Tensor, shared: list[Tensor] | None) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -273,6 +290,12 @@ class Weighting(nn.Module):
 
     def extra_repr(self) -> str:
         return f"n_tasks={self.n_tasks}"
+
+
+def _ratio(losses: Tensor, reference: Tensor) -> Tensor:
+    """``losses / reference``, and 1 where ``reference`` is 0: a loss ratio against a loss of
+    exactly 0 is undefined or infinite, and 1 (no change) keeps the weights that use it finite."""
+    return torch.where(reference == 0, torch.ones_like(losses), losses / torch.where(reference == 0, 1, reference))
 
 
 def _weighted_backward(losses: Tensor, weights: Tensor) -> dict[str, Tensor]:
@@ -335,7 +358,9 @@ class GradNorm(Weighting):
 
     The paper renormalises ``w`` to sum to ``T`` after every update. Here the renormalisation runs at
     the start of each :meth:`backward` (so every step uses weights summing to ``T``) or when
-    :meth:`renormalise` is called. ``L_t(0)`` is the loss seen by the first call.
+    :meth:`renormalise` is called. ``L_t(0)`` is the loss seen by the first call. A ratio against
+    a loss of exactly 0 (``L_t(0) = 0``, or a mean ratio of 0) counts as 1, as in :class:`DWA`,
+    so that a solved task does not make the weights NaN.
 
     Args:
         alpha: the asymmetry, >= 0. The paper used 1.5 on NYUv2 (LibMTL's default) and 0.12 on
@@ -371,8 +396,9 @@ class GradNorm(Weighting):
         ])
         w = self.loss_weights
         G = w * norms
-        ratios = losses.detach() / self.initial_losses
-        target = (G.mean() * (ratios / ratios.mean()) ** self.alpha).detach()
+        ratios = _ratio(losses.detach(), self.initial_losses)
+        relative = _ratio(ratios, ratios.mean().expand_as(ratios))
+        target = (G.mean() * relative**self.alpha).detach()
         L_grad = (G - target).abs().sum()
         (grad,) = torch.autograd.grad(L_grad, w)
         w.grad = grad if w.grad is None else w.grad + grad
@@ -391,6 +417,8 @@ class DWA(Weighting):
 
     where ``bar L_t(e)`` is task ``t``'s mean loss over epoch ``e``. The weights sum to ``T``; a task
     whose loss fell less (larger ratio) gets more weight. The first two epochs use weights 1.
+    A task whose mean loss was exactly 0 in epoch ``e-2`` gets ratio 1 (as if its loss had not
+    changed): the quotient is undefined or infinite there, and softmax would turn every weight NaN.
 
     Args:
         temperature: ``T_w`` > 0; the paper's 2. Large values give equal weights.
@@ -412,7 +440,7 @@ class DWA(Weighting):
         """The weights ``[T]`` the next :meth:`backward` uses."""
         if self.epochs_seen < 2:
             return torch.ones(self.n_tasks, device=self.epoch_means.device)
-        ratios = self.epoch_means[1] / self.epoch_means[0]
+        ratios = _ratio(self.epoch_means[1], self.epoch_means[0])
         return self.n_tasks * torch.softmax(ratios / self.temperature, dim=0)
 
     def _backward(self, losses, shared):

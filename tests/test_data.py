@@ -375,6 +375,24 @@ def test_omniglot_tasks_builds_a_sampler_in_one_call():
         assert on_gpu.support[0].is_cuda and on_gpu.info["classes"].is_cuda
 
 
+# Pinned: checkpoints record these identities, so a change to the split or to the hashing rule
+# would make every recorded run refuse its data. Change them only together with a note to users.
+PINNED_IDENTITIES = {
+    ("maml", "train"): (1200, "7aa938570aa296afc321ca0da0d5d4096dd6f2c4c11d4c41da810d42df0b4195"),
+    ("maml", "test"): (423, "7219c5939fdad9da14402b893b5aac47cb716c6ee3724af2009118771ac1caab"),
+    ("vinyals", "test"): (1692, "7f6e1faa87b2f6e0055c162cfee2bb35dd87c68430e1d1ee318aa5a696d0c53c"),
+}
+
+
+@pytest.mark.parametrize("split, subset", PINNED_IDENTITIES)
+def test_identity_of_the_full_omniglot_splits_is_pinned(omniglot, split, subset):
+    classes = omniglot_split(omniglot.characters, split, subset)
+    sampler = EpisodeSampler(omniglot.images, classes, 5, 1, 1, characters=omniglot.characters)
+    n_classes, sha256 = PINNED_IDENTITIES[split, subset]
+    assert sampler.identity() == {"dataset": "omniglot", "image_size": 28, "n_classes": n_classes,
+                                  "classes_sha256": sha256, "rotation": "none", "named": True}
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 IMAGES = numbered_images()

@@ -62,6 +62,14 @@ def test_gaussian_ci95():
         ml.gaussian_ci95(torch.tensor([]))
 
 
+def test_one_task_has_a_mean_and_an_undefined_interval():
+    assert ml.gaussian_ci95(torch.tensor([0.5]))[0] == 0.5 and math.isnan(ml.gaussian_ci95(torch.tensor([0.5]))[1])
+    result = ml.evaluate(sine_maml(), ml.Sinusoid(5, 5), n_tasks=1)
+    summary = result.summary()
+    assert summary["tasks"] == 1 and math.isfinite(summary["metric"]) and math.isfinite(summary["pre_metric"])
+    assert math.isnan(summary["ci95"]) and math.isnan(summary["pre_ci95"]) and math.isnan(result.ci95())
+
+
 def test_summary_holds_the_final_and_pre_adaptation_means_with_intervals():
     learner = sine_maml()
     result = ml.evaluate(learner, ml.Sinusoid(5, 5), n_tasks=30, inner_steps=[1, 3], batch_size=7)
