@@ -2,19 +2,27 @@
 
     python -m mmtl_lib presets
     python -m mmtl_lib train --preset maml-5w1s --out runs/maml-5w1s
-    python -m mmtl_lib train --preset cpu --set filters=16 --set time_budget=120
+    python -m mmtl_lib train --preset maml-5w1s --out runs/maml-5w1s --resume   # after a crash
+    python -m mmtl_lib train --preset cpu --set filters=16 --set time_budget=120 --out runs/cpu-16
     python -m mmtl_lib evaluate runs/maml-5w1s/checkpoint.pt --tasks 600 --seed 0
 
-Mistakes a user can make (a bad option, preset, key or value, missing or unreadable data or
-checkpoints: :class:`~mmtl_lib.errors.ConfigError` and :class:`~mmtl_lib.errors.DataError`) print
-one line and exit with status 2. Anything else is a bug and shows its traceback (status 1).
+``train`` checkpoints every ``checkpoint_every`` iterations and every ``checkpoint_minutes``,
+atomically, with the configuration and the identity of the data; ``--resume`` continues the
+last checkpoint to the result an uninterrupted run gives, and refuses other settings or other
+data, saying which. A folder that already holds a run is not replaced without ``--overwrite``.
+A non-finite loss stops with the last good state saved. The outputs are strict JSON (``null``
+where a value is NaN, e.g. the interval of a single test task).
+
+Mistakes a user can make (a bad option, preset, key or value, missing, unreadable or mismatched
+data or checkpoints, a diverging or out-of-memory run: :class:`~mmtl_lib.errors.ConfigError` and
+:class:`~mmtl_lib.errors.DataError`) print one line and exit with status 2. Anything else is a bug
+and shows its traceback (status 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +33,7 @@ from . import config as configs
 from .errors import ConfigError, DataError
 from .evaluation import evaluate as evaluate_learner
 from .runtime import default_device, keep_freed_memory, machine, set_threads
-from .train import load_checkpoint
+from .train import json_text, load_checkpoint, write_atomically
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
@@ -54,6 +62,13 @@ def _device(name: str) -> torch.device:
     return device
 
 
+RUN_FILES = ("checkpoint.pt", "config.json", "history.json", "result.json")
+"""What ``train`` writes into ``--out``."""
+
+RESUMABLE = ("checkpoint_every", "checkpoint_minutes")
+"""Keys a resumed run may change: they decide when checkpoints are written, not what is computed."""
+
+
 def train(args) -> dict:
     overrides = _parse_overrides(args.set)
     for key in ("iterations", "seed", "time_budget"):
@@ -61,27 +76,61 @@ def train(args) -> dict:
             overrides[key] = getattr(args, key)
     config = configs.preset(args.preset, **overrides)  # every value checked before any data is read
     device = _device(args.device)
-    samplers = configs.samplers(config, device)
-    learner = configs.build_learner(config, device, n_classes=getattr(samplers["train"], "n_classes", None))
-    trainer = configs.build_trainer(config, learner, samplers)
     out = Path(args.out or f"runs/{args.preset}")
     checkpoint = out / "checkpoint.pt"
     if args.resume:
         state = load_checkpoint(checkpoint, map_location=device)
-        if state.get("config") != config.to_dict():
-            raise ConfigError(f"--resume: {checkpoint} was trained with another configuration")
-        trainer.load_state_dict(state)
+        _check_resumable(configs.checkpoint_config(state, checkpoint), config, checkpoint)
+    elif not args.overwrite and any((out / name).exists() for name in ("checkpoint.pt", "config.json")):
+        raise ConfigError(f"--out {str(out)!r} already holds a run: pass --resume to continue it, or --overwrite "
+                          "to replace it")
+    samplers = configs.samplers(config, device)
+    learner = configs.build_learner(config, device, n_classes=getattr(samplers["train"], "n_classes", None))
+    trainer = configs.build_trainer(config, learner, samplers)
+    if args.resume:
+        configs.check_data(state, samplers, checkpoint)
+        _load_weights(trainer, state, checkpoint)
+    else:  # a stale checkpoint or result beside the new config.json would pass for this run's
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    history = trainer.fit(config.iterations, time_budget=config.time_budget, progress=not args.quiet)
-    trainer.save(checkpoint, config=config.to_dict())
+    write_atomically(out / "config.json", json_text(config.to_dict()).encode())
+    history = trainer.fit(
+        config.iterations, time_budget=config.time_budget, checkpoint=checkpoint,
+        checkpoint_every=config.checkpoint_every, checkpoint_minutes=config.checkpoint_minutes,
+        checkpoint_extra={"config": config.to_dict(), "data": configs.data_identity(samplers)},
+        progress=not args.quiet,
+    )
     result = evaluate_learner(learner, samplers["test"], n_tasks=config.test_tasks, metric=config.metric(),
                               seed=args.seed or 0)
     summary = _summary(config, result.summary(), trainer.iteration, trainer.elapsed, device)
     summary["checkpoint"] = str(checkpoint)
     summary["history_points"] = len(history)
-    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    write_atomically(out / "result.json", json_text(summary).encode())
     return summary
+
+
+def _check_resumable(old, new, checkpoint) -> None:
+    changed = [f"{key} {value!r} -> {getattr(new, key)!r}" for key, value in old.to_dict().items()
+               if key not in RESUMABLE and value != getattr(new, key)]
+    if changed:
+        raise ConfigError(f"--resume: {str(checkpoint)!r} was trained with another configuration: "
+                          f"{', '.join(changed)} (checkpoint -> now); resume with its settings, or start a new run "
+                          "with another --out or --overwrite")
+
+
+def _load_weights(target, state: dict, path) -> None:
+    """``target.load_state_dict(state)``, for a learner or a trainer; weights that do not fit the
+    configuration recorded beside them (an edited or mixed-up checkpoint) are a DataError."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError) as error:
+        # torch says "Error(s) in loading state_dict" when names or sizes differ; a KeyError is a
+        # learner's entry (e.g. Meta-SGD's rates) missing
+        if isinstance(error, RuntimeError) and "loading state_dict" not in str(error):
+            raise
+        raise DataError(f"checkpoint {str(path)!r} holds weights that do not fit its configuration "
+                        f"({type(error).__name__}: {error})") from error
 
 
 def _summary(config, result, iterations, seconds, device) -> dict:
@@ -99,12 +148,11 @@ def _summary(config, result, iterations, seconds, device) -> dict:
 def evaluate(args) -> dict:
     device = _device(args.device)
     state = load_checkpoint(args.checkpoint, map_location=device)
-    if not isinstance(state.get("config"), dict):
-        raise DataError(f"checkpoint {args.checkpoint!r} holds no configuration: it was not written by train")
-    config = configs.Config.from_dict(state["config"])
+    config = configs.checkpoint_config(state, args.checkpoint)
     samplers = configs.samplers(config, device)
+    configs.check_data(state, samplers, args.checkpoint)
     learner = configs.build_learner(config, device, n_classes=getattr(samplers["train"], "n_classes", None))
-    learner.load_state_dict(state["learner"])
+    _load_weights(learner, state["learner"], args.checkpoint)
     start = time.perf_counter()
     result = evaluate_learner(learner, samplers["test"], n_tasks=args.tasks, inner_steps=args.inner_steps,
                               metric=config.metric(), seed=args.seed)
@@ -130,7 +178,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--device", default="auto", help="auto (CUDA, MPS, else CPU), cpu, cuda, cuda:1, ...")
     t.add_argument("--out", help="output folder (default runs/PRESET)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    run = t.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUT/checkpoint.pt, with the same settings and data")
+    run.add_argument("--overwrite", action="store_true", help="replace the run that OUT already holds")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(run=train)
     e = sub.add_parser("evaluate", help="mean test accuracy (or MSE) with a 95%% confidence interval")
@@ -155,7 +206,7 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as error:  # the user's to fix; anything else is a bug: traceback
         print("error:", " ".join(str(error).split()), file=sys.stderr)  # torch may answer in several lines
         return 2
-    print(json.dumps(result, indent=1))
+    print(json_text(result))
     return 0
 
 

@@ -6,6 +6,10 @@ A :class:`Config` is a frozen dataclass of plain values, so it can be stored ins
 command line. Every field is checked when the object is made, and :func:`preset` also refuses an
 override that the chosen algorithm or task would ignore, so a mistyped or meaningless setting is
 refused by name before any data is read.
+
+A checkpoint of the command line records its configuration and the identity of its data
+(:func:`data_identity`); :func:`checkpoint_config` and :func:`check_data` read them back and
+refuse, by name, a checkpoint of another version or data that are not what it was trained on.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import torch.nn.functional as F
 
 from . import checks
 from .baselines import JointTraining, PretrainClassifier
-from .data import DRAWERS, ROTATIONS, SPLITS, omniglot_tasks
-from .errors import ConfigError
+from .data import DRAWERS, ROTATIONS, SPLITS, EpisodeSampler, omniglot_tasks
+from .errors import ConfigError, DataError
 from .evaluation import accuracy
 from .learners import MAML, Learner, Reptile
 from .models import HEAD_INITS, MLP, Conv4, head_names
@@ -57,7 +61,9 @@ class Config:
 
     The defaults are the MAML paper's 5-way 1-shot Omniglot set-up (Finn et al. 2017, sec. 5.2).
     ``k_shot`` and ``n_query`` are the test protocol's; ``train_k_shot`` and ``train_n_query``,
-    when set, size the training tasks only.
+    when set, size the training tasks only. The command line checkpoints every
+    ``checkpoint_every`` iterations and whenever ``checkpoint_minutes`` have passed since the
+    last checkpoint, so that a crash loses little.
     """
 
     task: str = "omniglot"
@@ -91,6 +97,8 @@ class Config:
     val_tasks: int = 200
     test_tasks: int = 600
     time_budget: float | None = None
+    checkpoint_every: int = 1000
+    checkpoint_minutes: float = 5.0
     seed: int = 0
     amp: bool = False
     tf32: bool = False
@@ -107,11 +115,11 @@ class Config:
         checks.one_of("schedule", self.schedule, SCHEDULES)
         checks.one_of("backend", self.backend, BACKENDS)
         for key in ("image_size", "filters", "n_way", "k_shot", "n_query", "inner_steps", "test_inner_steps",
-                    "meta_batch_size", "iterations", "val_every", "val_tasks", "test_tasks"):
+                    "meta_batch_size", "iterations", "val_every", "val_tasks", "test_tasks", "checkpoint_every"):
             checks.positive_int(key, getattr(self, key))
         for key in ("train_k_shot", "train_n_query", "inner_batch_size", "chunk_size"):
             checks.optional_positive_int(key, getattr(self, key))
-        for key in ("inner_lr", "outer_lr"):
+        for key in ("inner_lr", "outer_lr", "checkpoint_minutes"):
             checks.positive_float(key, getattr(self, key))
         for key in ("inner_grad_clip", "outer_grad_clip", "time_budget"):
             checks.optional_positive_float(key, getattr(self, key))
@@ -325,3 +333,65 @@ def iterations_per_second(history: list[dict]) -> float:
     if not history:
         return math.nan
     return history[-1]["iteration"] / max(history[-1]["seconds"], 1e-9)
+
+
+def data_identity(samplers: dict[str, Sampler]) -> dict[str, dict]:
+    """What each of ``samplers`` (``{"train", "val", "test"}`` -> sampler) draws from, in plain
+    values for a checkpoint to record: Omniglot's :meth:`~mmtl_lib.EpisodeSampler.identity` (its
+    classes' hash among them), or a sinusoid family's shape and ranges."""
+    return {name: _identity(sampler) for name, sampler in samplers.items()}
+
+
+def _identity(sampler: Sampler) -> dict:
+    if isinstance(sampler, EpisodeSampler):
+        return sampler.identity()
+    return {"dataset": "sinusoid", "k_shot": sampler.k_shot, "n_query": sampler.n_query,
+            "amplitude": list(sampler.amplitude), "phase": list(sampler.phase), "x_range": list(sampler.x_range)}
+
+
+def checkpoint_config(state: dict, path) -> Config:
+    """The :class:`Config` a checkpoint (:func:`~mmtl_lib.load_checkpoint`) was trained with.
+
+    Raises :class:`~mmtl_lib.errors.DataError` naming ``path`` if it holds none (saved by
+    :meth:`~mmtl_lib.Trainer.save` without ``config=``), if its keys are not this version's
+    (written by an older or newer ``mmtl_lib``: a missing key must not silently take today's
+    default), or if a value is not allowed.
+    """
+    values = state.get("config")
+    if not isinstance(values, dict):
+        raise DataError(f"checkpoint {str(path)!r} holds no configuration: it was not written by "
+                        "`python -m mmtl_lib train` (Trainer.save without config=...)")
+    known = [f.name for f in fields(Config)]
+    missing, unknown = [k for k in known if k not in values], sorted(set(values) - set(known))
+    if missing or unknown:
+        differs = []
+        if missing:
+            differs.append(f"lacks the keys {missing}")
+        if unknown:
+            differs.append(f"has the unknown keys {unknown}")
+        raise DataError(f"checkpoint {str(path)!r} was written by another version of mmtl_lib: its configuration "
+                        f"{' and '.join(differs)}; train it again with this one")
+    try:
+        return Config.from_dict(values)
+    except ConfigError as error:
+        raise DataError(f"checkpoint {str(path)!r} holds a configuration that is not allowed: {error}") from error
+
+
+def check_data(state: dict, samplers: dict[str, Sampler], path) -> None:
+    """Refuse, with a :class:`~mmtl_lib.errors.DataError` saying what differs, ``samplers`` that do
+    not draw from the data the checkpoint ``state`` recorded (:func:`data_identity`): e.g. a
+    data folder with an alphabet missing, whose reshuffled split would test on trained classes."""
+    recorded = state.get("data")
+    if not isinstance(recorded, dict):
+        raise DataError(f"checkpoint {str(path)!r} records no data identity: it was not written by "
+                        "`python -m mmtl_lib train` (Trainer.save without data=...)")
+    now = data_identity(samplers)
+    differences = []
+    for subset in [*now, *(s for s in recorded if s not in now)]:
+        old, new = recorded.get(subset, {}), now.get(subset, {})
+        keys = [k for k in [*old, *(k for k in new if k not in old)] if old.get(k) != new.get(k)]
+        if keys:
+            differences.append(f"the {subset} data differ from those it was trained with: " + ", ".join(
+                f"{k} {old.get(k)!r} (checkpoint) vs {new.get(k)!r} (now)" for k in keys))
+    if differences:
+        raise DataError(f"checkpoint {str(path)!r}: " + "; ".join(differences))

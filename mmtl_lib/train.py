@@ -3,25 +3,30 @@
 One meta-iteration: draw ``meta_batch_size`` tasks from the sampler, ``learner.meta_backward(tasks)``
 fills the meta-gradient, the outer optimizer steps. Around it: periodic validation on held-out
 tasks, a JSON-friendly history, checkpoints that resume to the identical continuation (learner,
-optimizer and task generator), a clear stop on a non-finite loss, and optional TF32/AMP on CUDA
-scoped to the training step.
+optimizer, task generator and the history's open window), written periodically and atomically so
+that a crash loses at most the last few minutes, a clear stop on a non-finite loss or an
+out-of-memory meta-batch that keeps the last good state, and optional TF32/AMP on CUDA scoped to
+the training step.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import checks
 from .errors import ConfigError, DataError
 from .evaluation import Metric, evaluate, per_task
 from .learners import Learner
 from .runtime import precision
-from .tasks import Sampler
+from .tasks import Sampler, TaskBatch
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adam", "sgd")
@@ -95,6 +100,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(checks.non_negative_int("seed", seed))
         self.amp, self.tf32 = bool(amp), bool(tf32)
         self.iteration, self.history, self.elapsed = 0, [], 0.0
+        self._window: list[dict] = []
         self.iterations: int | None = None
         """The schedule's length, set by :meth:`fit`; ``None``: no annealing."""
         self._time_budget: float | None = None
@@ -113,33 +119,64 @@ class Trainer:
         return self.outer_lr
 
     def step(self) -> dict:
-        """One meta-iteration; returns its logged metrics."""
+        """One meta-iteration; returns its logged metrics.
+
+        A :class:`~mmtl_lib.errors.ConfigError` or :class:`~mmtl_lib.errors.DataError` (a
+        non-finite loss, a meta-batch too large for memory, a bad task batch) is raised before the
+        optimizer steps, with the task generator rewound: the trainer is then exactly as after the
+        last good iteration, and a checkpoint of it is that iteration's.
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
-        tasks = self.sampler.sample(self.meta_batch_size, generator=self.generator)
-        self.optimizer.zero_grad(set_to_none=True)
-        device_type = tasks.query[0].device.type
-        with precision(self.tf32), torch.autocast(device_type, dtype=torch.bfloat16,
-                                                  enabled=self.amp and device_type == "cuda"):
-            losses, predictions = self.learner.meta_backward(tasks)
-        loss = losses.mean().item()
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"meta-loss is {loss} at iteration {self.iteration}: lower outer_lr or inner_lr, or set "
-                "inner_grad_clip (the inner loop's) or outer_grad_clip (the meta-gradient's)"
-            )
+        drawn_from = self.generator.get_state()
+        try:
+            tasks, losses, predictions = self._meta_backward()
+            loss = losses.mean().item()
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"meta-loss is {loss} at iteration {self.iteration}: lower outer_lr or inner_lr, or set "
+                    "inner_grad_clip (the inner loop's) or outer_grad_clip (the meta-gradient's)"
+                )
+            record = {"iteration": self.iteration + 1, "loss": loss}
+            if self.metric is not None and predictions.numel():
+                record["metric"] = per_task(self.metric, predictions, tasks.query[1]).mean().item()
+        except (ConfigError, DataError):
+            self.generator.set_state(drawn_from)
+            raise
         if self.outer_grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.learner.meta_parameters(), self.outer_grad_clip)
         self.optimizer.step()
         self.iteration += 1
-        record = {"iteration": self.iteration, "loss": loss}
-        if self.metric is not None and predictions.numel():
-            record["metric"] = per_task(self.metric, predictions, tasks.query[1]).mean().item()
         return record
+
+    def _meta_backward(self) -> tuple[TaskBatch, Tensor, Tensor]:
+        """Draw the tasks and fill the meta-gradient; running out of memory doing so is the
+        meta-batch's size, a setting the user can lower (ConfigError), not a bug."""
+        try:
+            tasks = self.sampler.sample(self.meta_batch_size, generator=self.generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            device_type = tasks.query[0].device.type
+            with precision(self.tf32), torch.autocast(device_type, dtype=torch.bfloat16,
+                                                      enabled=self.amp and device_type == "cuda"):
+                return tasks, *self.learner.meta_backward(tasks)
+        except RuntimeError as error:
+            # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU allocator's is a plain one
+            # that says so only in its message.
+            if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+                raise
+            reason = str(error).strip().splitlines()[0]
+            raise ConfigError(
+                f"meta_batch_size = {self.meta_batch_size} does not fit in memory at iteration {self.iteration} "
+                f"({reason}): lower meta_batch_size, or with backend='vmap' set chunk_size"
+            ) from error
 
     def validate(self) -> dict:
         result = evaluate(self.learner, self.val_sampler, n_tasks=self.val_tasks, metric=self.metric, seed=12345)
         return {"val_metric": result.mean(), "val_ci95": result.ci95()}
+
+    def _finished(self) -> bool:
+        return self.iteration >= self.iterations or (
+            self._time_budget is not None and self.elapsed >= self._time_budget)
 
     def fit(
         self,
@@ -148,6 +185,8 @@ class Trainer:
         time_budget: float | None = None,
         checkpoint: str | Path | None = None,
         checkpoint_every: int = 1000,
+        checkpoint_minutes: float = 5.0,
+        checkpoint_extra: dict | None = None,
         log_every: int = 50,
         progress: bool = True,
     ) -> list[dict]:
@@ -157,21 +196,38 @@ class Trainer:
 
         The history keeps one record every ``log_every`` iterations (the mean of the records
         in between) and one per validation.
+
+        With a ``checkpoint`` path, :meth:`save` writes there every ``checkpoint_every``
+        iterations, whenever ``checkpoint_minutes`` of wall-clock time have passed since the last
+        save, and at the end; ``checkpoint_extra`` (plain data, e.g. the configuration) rides
+        along in each. If :meth:`step` stops with a ConfigError or DataError (e.g.
+        :class:`NonFiniteLossError`), the last good state is saved there before the error goes
+        on, its message saying so.
         """
         self.iterations = checks.positive_int("iterations", iterations)
         self._time_budget = checks.optional_positive_float("time_budget", time_budget)
         checkpoint_every = checks.positive_int("checkpoint_every", checkpoint_every)
+        checkpoint_seconds = 60 * checks.positive_float("checkpoint_minutes", checkpoint_minutes)
         log_every = checks.positive_int("log_every", log_every)
+        extra = dict(checkpoint_extra or {})
         from tqdm.auto import tqdm
 
         bar = tqdm(total=iterations, initial=self.iteration, disable=not progress, mininterval=5, desc="meta-train")
-        window: list[dict] = []
-        while self.iteration < iterations:
+        saved_at = time.monotonic()
+        while not self._finished():
             start = time.perf_counter()
-            window.append(self.step())
+            try:
+                self._window.append(self.step())
+            except (ConfigError, DataError) as error:
+                if checkpoint is not None:
+                    self.save(checkpoint, **extra)
+                    error.args = (f"{error}; the last good state (iteration {self.iteration}) is saved in "
+                                  f"{checkpoint}",)
+                raise
             self.elapsed += time.perf_counter() - start  # training time only: validation is extra
             bar.update(1)
-            done = self.iteration >= iterations or (time_budget is not None and self.elapsed >= time_budget)
+            done = self._finished()
+            window = self._window
             if len(window) >= log_every or done:
                 record = {k: sum(r[k] for r in window) / len(window) for k in window[-1]}
                 record.update(iteration=self.iteration, seconds=round(self.elapsed, 2))
@@ -179,11 +235,11 @@ class Trainer:
                     record.update(self.validate())
                 self.history.append(record)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "metric", "val_metric")})
-                window = []
-            if checkpoint is not None and (self.iteration % checkpoint_every == 0 or done):
-                self.save(checkpoint)
-            if done:
-                break
+                self._window = []
+            if checkpoint is not None and (self.iteration % checkpoint_every == 0 or done
+                                           or time.monotonic() - saved_at >= checkpoint_seconds):
+                self.save(checkpoint, **extra)
+                saved_at = time.monotonic()
         bar.close()
         return self.history
 
@@ -195,28 +251,39 @@ class Trainer:
             "iteration": self.iteration,
             "elapsed": self.elapsed,
             "history": self.history,
+            # the records since the last history entry: a checkpoint between two entries resumes the same history
+            "window": self._window,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.learner.load_state_dict(state["learner"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        self.iteration, self.elapsed, self.history = state["iteration"], state["elapsed"], state["history"]
+        self.iteration, self.elapsed = state["iteration"], state["elapsed"]
+        self.history, self._window = list(state["history"]), list(state["window"])
 
     def save(self, path: str | Path, **extra) -> None:
-        """Write a checkpoint atomically; ``extra`` (plain data, e.g. the config) rides along."""
+        """Write a checkpoint, and ``history.json`` beside it; ``extra`` (plain data, e.g. the
+        config) rides along.
+
+        Each file is written atomically (:func:`write_atomically`): a crash at any moment leaves
+        the previous checkpoint or the new one, never a torn file.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({**self.state_dict(), **extra, "extra_keys": list(extra)}, tmp)
-        tmp.replace(path)
-        history = path.with_name("history.json")
-        history.write_text(json.dumps(self.history, indent=1))
+        buffer = io.BytesIO()
+        torch.save({**self.state_dict(), **extra, "extra_keys": list(extra)}, buffer)
+        write_atomically(path, buffer.getvalue())
+        write_atomically(path.with_name("history.json"), json_text(self.history).encode())
+
+
+CHECKPOINT_KEYS = ("learner", "optimizer", "generator", "iteration", "elapsed", "history", "window")
+"""What :meth:`Trainer.state_dict` writes, and :func:`load_checkpoint` requires."""
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint with ``weights_only=True``; a missing or unreadable file raises
-    :class:`~mmtl_lib.errors.DataError` naming the path."""
+    """Read a checkpoint with ``weights_only=True``; a missing, unreadable (e.g. truncated) or
+    foreign file raises :class:`~mmtl_lib.errors.DataError` naming the path."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"checkpoint {str(path)!r} does not exist")
@@ -224,6 +291,43 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise DataError(f"checkpoint {str(path)!r} could not be read ({type(error).__name__}: {error})") from error
-    if not isinstance(state, dict) or "learner" not in state:
-        raise DataError(f"checkpoint {str(path)!r} is not an mmtl_lib checkpoint (no 'learner' entry)")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state] if isinstance(state, dict) else list(CHECKPOINT_KEYS)
+    if missing:
+        raise DataError(f"checkpoint {str(path)!r} is not an mmtl_lib checkpoint of this version: it lacks {missing}")
     return state
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` so that a crash at any moment leaves the old file or the new
+    one: write a temporary file beside it, flush it to disk (``fsync``), rename it over ``path``
+    (atomic on POSIX), and flush the folder so that the rename itself survives a power cut."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    if os.name == "posix":  # Windows cannot open a folder to flush it
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def json_text(value) -> str:
+    """``value`` as strict JSON, indented: NaN and infinities (e.g. the 95% interval of a single
+    task) become ``null``, which every JSON reader accepts, rather than Python's ``NaN``, which
+    strict ones refuse."""
+    return json.dumps(_finite(value), indent=1, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

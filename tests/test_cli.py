@@ -46,6 +46,8 @@ BAD_SETTINGS = [
     (["--set", "outer_grad_clip=0"], "outer_grad_clip = 0 is not allowed"),
     (["--set", "outer_grad_clip=-1"], "outer_grad_clip = -1 is not allowed"),
     (["--set", "time_budget=0"], "time_budget = 0 is not allowed"),
+    (["--set", "checkpoint_every=0"], "checkpoint_every = 0 is not allowed"),
+    (["--set", "checkpoint_minutes=-1"], "checkpoint_minutes = -1 is not allowed"),
     (["--time-budget", "0"], "time_budget = 0.0 is not allowed"),
     (["--iterations", "0"], "iterations = 0 is not allowed"),
     (["--set", "k_shot=10", "--set", "n_query=15"], "k_shot + n_query = 25 exceeds the 20 drawers"),
@@ -85,7 +87,7 @@ def test_corrupt_and_foreign_checkpoints_exit_2(tmp_path, capsys):
     assert "could not be read" in one_line_error(capsys)
     torch.save({"learner": {}}, tmp_path / "foreign.pt")
     assert main(["evaluate", str(tmp_path / "foreign.pt")]) == 2
-    assert "holds no configuration" in one_line_error(capsys)
+    assert "is not an mmtl_lib checkpoint" in one_line_error(capsys)
 
 
 def test_command_line_trains_and_evaluates_the_sinusoid(tmp_path, capsys):

@@ -43,6 +43,12 @@ BAD = [
     (dict(algorithm="mamal"), r"algorithm = 'mamal' is not allowed"),
     (dict(task="imagenet"), r"task = 'imagenet' is not allowed"),
     (dict(iterations=True), r"iterations = True is not allowed"),
+    (dict(checkpoint_every=0), r"checkpoint_every = 0 is not allowed"),
+    (dict(checkpoint_every=2.5), r"checkpoint_every = 2.5 is not allowed"),
+    (dict(checkpoint_minutes=0), r"checkpoint_minutes = 0 is not allowed"),
+    (dict(checkpoint_minutes=float("nan")), r"checkpoint_minutes = nan is not allowed"),
+    (dict(amp="maybe"), r"amp = 'maybe' is not allowed"),
+    (dict(outer_grad_clip=float("nan")), r"outer_grad_clip = nan is not allowed"),
 ]
 
 
@@ -171,3 +177,31 @@ def test_train_shots_and_queries_size_training_tasks_only():
 def test_iterations_per_second():
     assert configs.iterations_per_second([{"iteration": 10, "seconds": 2.0}]) == 5.0
     assert configs.iterations_per_second([]) != configs.iterations_per_second([])  # NaN
+
+
+def test_data_identity_records_each_sampler_in_plain_values():
+    config = ml.preset("sinusoid", train_k_shot=5)
+    identity = configs.data_identity(ml.samplers(config, torch.device("cpu")))
+    assert identity["train"] == {"dataset": "sinusoid", "k_shot": 5, "n_query": 10, "amplitude": [0.1, 5.0],
+                                 "phase": [0.0, pytest.approx(3.14159265)], "x_range": [-5.0, 5.0]}
+    assert identity["test"]["k_shot"] == 10 and set(identity) == {"train", "val", "test"}
+    assert json.loads(json.dumps(identity)) == identity
+
+
+def test_data_identity_uses_the_episode_samplers_own(monkeypatch):
+    images = torch.zeros(6, 20, 4, 4, dtype=torch.uint8)
+    sampler = ml.EpisodeSampler(images, torch.arange(6), 2, 1, 1)
+    assert configs.data_identity({"test": sampler}) == {"test": sampler.identity()}
+    assert sampler.identity()["dataset"] == "omniglot"
+
+
+def test_check_data_says_what_differs_per_subset():
+    config = ml.preset("sinusoid")
+    samplers = ml.samplers(config, torch.device("cpu"))
+    state = {"data": configs.data_identity(samplers)}
+    configs.check_data(state, samplers, "c.pt")  # the same data: nothing to say
+    state["data"]["val"] = {**state["data"]["val"], "k_shot": 3, "retired": True}
+    with pytest.raises(ml.DataError, match=r"checkpoint 'c.pt': the val data differ from those it was trained with: "
+                                           r"k_shot 3 \(checkpoint\) vs 10 \(now\), retired True \(checkpoint\) "
+                                           r"vs None \(now\)$"):
+        configs.check_data(state, samplers, "c.pt")

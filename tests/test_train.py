@@ -43,6 +43,66 @@ def test_resumed_training_continues_identically(tmp_path):
     assert json.loads((tmp_path / "history.json").read_text())[0]["iteration"] == 5
 
 
+def test_a_checkpoint_inside_a_log_window_resumes_the_same_history(tmp_path):
+    # Saved at iteration 6 of windows of 4: the records of iterations 5 and 6 travel in the
+    # checkpoint, so the resumed run logs iteration 8 as the mean of 5..8, like the straight one.
+    straight = sinusoid_trainer()
+    straight.fit(10, log_every=4, progress=False)
+    first = sinusoid_trainer()
+    step = first.step
+
+    def crash_after_6():
+        if first.iteration == 7:
+            raise KeyboardInterrupt
+        return step()
+
+    first.step = crash_after_6
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(10, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=3, log_every=4, progress=False)
+    state = ml.load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["iteration"] == 6 and [r["iteration"] for r in state["window"]] == [5, 6]
+    resumed = sinusoid_trainer(seed=99, init_seed=99)
+    resumed.load_state_dict(state)
+    resumed.fit(10, log_every=4, progress=False)
+    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in straight.history]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == drop_time
+    assert [r["iteration"] for r in resumed.history] == [4, 8, 10]
+
+
+def test_checkpoints_every_n_iterations_every_few_minutes_and_at_the_end(tmp_path, monkeypatch):
+    saved = []
+    save = ml.Trainer.save
+
+    def spy(self, path, **extra):
+        saved.append((self.iteration, extra))
+        save(self, path, **extra)
+
+    monkeypatch.setattr(ml.Trainer, "save", spy)
+    trainer = sinusoid_trainer(val_sampler=None)
+    trainer.fit(25, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=10, checkpoint_extra={"note": "hi"},
+                progress=False)
+    assert saved == [(10, {"note": "hi"}), (20, {"note": "hi"}), (25, {"note": "hi"})]
+    assert ml.load_checkpoint(tmp_path / "ckpt.pt")["note"] == "hi"
+    saved.clear()
+    # a fraction of a microsecond: every iteration is past it, whatever checkpoint_every says
+    sinusoid_trainer(val_sampler=None).fit(3, checkpoint=tmp_path / "ckpt.pt", checkpoint_minutes=1e-9,
+                                           progress=False)
+    assert [i for i, _ in saved] == [1, 2, 3]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_finished_run_does_not_train_further():
+    trainer = sinusoid_trainer(val_sampler=None)
+    trainer.fit(4, progress=False)
+    history = list(trainer.history)
+    assert trainer.fit(4, progress=False) == history and trainer.iteration == 4
+    budgeted = sinusoid_trainer(val_sampler=None)
+    budgeted.fit(10**6, time_budget=0.2, progress=False)
+    done = budgeted.iteration
+    budgeted.fit(10**6, time_budget=0.2, progress=False)
+    assert budgeted.iteration == done
+
+
 def test_resumed_reptile_with_mini_batches_continues_identically(tmp_path):
     # Reptile's mini-batches come from the learner's own generator: the checkpoint must carry it.
     straight = reptile_trainer()
@@ -103,6 +163,32 @@ def test_non_finite_loss_stops_with_the_iteration_named():
     assert isinstance(error.value, ml.ConfigError)
 
 
+def test_a_failed_step_leaves_the_trainer_as_after_the_last_good_iteration(tmp_path):
+    trainer = sinusoid_trainer(val_sampler=None)
+    trainer.fit(3, progress=False)
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in trainer.state_dict().items()
+              if k in ("generator", "iteration")}
+    weights = [p.detach().clone() for p in trainer.learner.meta_parameters()]
+    meta_backward = trainer.learner.meta_backward
+
+    def nan_loss(tasks):
+        losses, predictions = meta_backward(tasks)
+        return losses * float("nan"), predictions
+
+    trainer.learner.meta_backward = nan_loss
+    with pytest.raises(ml.NonFiniteLossError, match=r"at iteration 3: .*; the last good state \(iteration 3\) "
+                                                     r"is saved in .*ckpt\.pt"):
+        trainer.fit(10, checkpoint=tmp_path / "ckpt.pt", progress=False)
+    assert trainer.iteration == before["iteration"] and torch.equal(trainer.generator.get_state(), before["generator"])
+    assert all(torch.equal(p, w) for p, w in zip(trainer.learner.meta_parameters(), weights))
+    state = ml.load_checkpoint(tmp_path / "ckpt.pt")
+    assert state["iteration"] == 3 and torch.equal(state["generator"], before["generator"])
+    # without a checkpoint path nothing is written and the message says nothing of one
+    with pytest.raises(ml.NonFiniteLossError) as error:
+        trainer.fit(10, progress=False)
+    assert "saved" not in str(error.value)
+
+
 def test_outer_grad_clip_bounds_the_meta_step():
     # float64 and SGD: the step is outer_lr times the clipped meta-gradient, whose norm is the clip
     # (up to clip_grad_norm_'s 1e-6 added to the norm).
@@ -128,6 +214,12 @@ def test_checkpoints_refuse_missing_and_corrupt_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(ml.DataError, match="not an mmtl_lib checkpoint"):
         ml.load_checkpoint(tmp_path / "foreign.pt")
+    sinusoid_trainer().save(tmp_path / "ckpt.pt")
+    state = ml.load_checkpoint(tmp_path / "ckpt.pt")
+    del state["window"]  # as written before checkpoints carried the open log window
+    torch.save(state, tmp_path / "old.pt")
+    with pytest.raises(ml.DataError, match=r"not an mmtl_lib checkpoint of this version: it lacks \['window'\]"):
+        ml.load_checkpoint(tmp_path / "old.pt")
 
 
 def test_trainer_and_build_learner_leave_the_global_random_state_alone():
