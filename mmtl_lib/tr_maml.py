@@ -82,6 +82,9 @@ class TRMAML(MAML):
     def meta_backward(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         """MAML's meta-gradient at the weights ``p``, then the projected ascent step on ``p``."""
         losses, predictions = super().meta_backward(tasks)
+        if not bool(torch.isfinite(losses).all()):
+            # The trainer stops on this loss and saves the last good state: p must still be it.
+            return losses, predictions
         ids = tasks.info["task_id"]
         grad_p = torch.zeros_like(self.p).index_add_(0, ids, losses.to(self.p.dtype)) * (self.p.numel() / ids.numel())
         self.p = project_simplex(self.p + self.p_lr * grad_p)

@@ -63,7 +63,7 @@ def sine_learners(n_tasks=100, **kw):
     maml_model = ml.MLP(1, (8, 8), 1)
     tr_model = ml.MLP(1, (8, 8), 1)
     tr_model.load_state_dict(maml_model.state_dict())
-    kw = dict(inner_lr=0.01, inner_steps=1, **kw)
+    kw = {"inner_lr": 0.01, "inner_steps": 1, **kw}
     return ml.MAML(maml_model, F.mse_loss, **kw), ml.TRMAML(tr_model, F.mse_loss, n_tasks=n_tasks, p_lr=0.01, **kw)
 
 
@@ -123,3 +123,13 @@ def test_task_set_refuses_bad_bands():
         ml.SinusoidTaskSet(torch.tensor([[2.0, 1.0]]), 3, 2)
     with pytest.raises(ml.ConfigError, match="n_easy = 0"):
         ml.SinusoidTaskSet.imbalanced(3, 2, n_easy=0)
+
+
+def test_tr_maml_keeps_its_weights_when_the_meta_loss_is_not_finite():
+    # The trainer stops on a non-finite loss and saves the last good state; p is part of it.
+    task_set = ml.SinusoidTaskSet.imbalanced(5, 5)
+    _, tr = sine_learners(task_set.n_tasks, inner_lr=1e30)
+    before = tr.p.clone()
+    losses, _ = tr.meta_backward(task_set.sample(8, generator=ml.generator(0)))
+    assert not torch.isfinite(losses).all()
+    assert torch.equal(tr.p, before)
