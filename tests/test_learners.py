@@ -6,27 +6,14 @@ import gc
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import conv4, image_tasks
 from torch import nn
 
 import mmtl_lib as ml
 
 
-def image_tasks(n_tasks=4, n_way=3, k_shot=1, n_query=2, size=14, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    def labels(k):
-        return torch.arange(n_way).repeat_interleave(k).expand(n_tasks, -1).clone()
-    sx = torch.rand(n_tasks, n_way * k_shot, 1, size, size, generator=g)
-    qx = torch.rand(n_tasks, n_way * n_query, 1, size, size, generator=g)
-    return ml.TaskBatch((sx, labels(k_shot)), (qx, labels(n_query)))
-
-
 def double(tasks):
     return ml.TaskBatch((tasks.support[0].double(), tasks.support[1]), (tasks.query[0].double(), tasks.query[1]))
-
-
-def conv4(n_way=3, **kw):
-    torch.manual_seed(0)
-    return ml.Conv4(n_way, filters=4, image_size=14, **kw)
 
 
 def mlp(hidden=(8,)):
