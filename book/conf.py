@@ -11,7 +11,13 @@ project = "Meta Multi-Task Learning"
 author = "The MMTL book authors"
 copyright = "2026, the MMTL book authors"
 
-extensions = ["myst_nb", "sphinx_exercise", "sphinx_togglebutton", "sphinx.ext.mathjax"]
+extensions = [
+    "myst_nb",
+    "sphinx_exercise",
+    "sphinx_togglebutton",
+    "sphinx.ext.mathjax",
+    "sphinxcontrib.bibtex",
+]
 root_doc = "book/index"
 include_patterns = ["book/**", "chapters/*.md"]
 exclude_patterns = ["book/_build/**", "**/.ipynb_checkpoints/**"]
@@ -38,3 +44,8 @@ html_theme_options = {
 }
 html_static_path = []
 suppress_warnings = ["myst.header"]
+
+# One bibliography for the whole book; chapters cite with {cite:p}`key` / {cite:t}`key`.
+bibtex_bibfiles = ["references.bib"]  # relative to this folder
+bibtex_default_style = "plain"
+bibtex_reference_style = "author_year"

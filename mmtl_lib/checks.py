@@ -56,3 +56,12 @@ def non_negative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ConfigError(f"{name} = {value!r} is not allowed: it must be an integer >= 0")
     return int(value)
+
+
+def int_in_range(name: str, value, low: int, high: int | None = None) -> int:
+    """An integer ``low <= value <= high`` (no upper bound when ``high`` is ``None``)."""
+    bounded = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not bounded or value < low or (high is not None and value > high):
+        allowed = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+        raise ConfigError(f"{name} = {value!r} is not allowed: it must be {allowed}")
+    return int(value)
