@@ -9,7 +9,9 @@ gives ``k_shot`` labelled images of each (the *support* set) and ``n_query`` mor
    ``[n_characters, 20, image_size, image_size]`` (ink = 255, background = 0), caches it in a
    user cache directory and reloads it from there in well under a second.
 2. :func:`omniglot_split` returns the class ids of a train / val / test subset under the
-   ``"maml"`` split (Finn et al. 2017) or the ``"vinyals"`` split (Vinyals et al. 2016).
+   ``"maml"`` split (Finn et al. 2017), the ``"vinyals"`` split (Vinyals et al. 2016) or the
+   ``"lake"`` split (Lake et al. 2015: background alphabets to learn from, evaluation alphabets
+   to test on).
 3. :class:`EpisodeSampler` draws ``meta_batch_size`` tasks of a subset as one
    :class:`~mmtl_lib.tasks.TaskBatch`, with tensor indexing on the device (no ``DataLoader``).
 
@@ -43,7 +45,7 @@ DRAWERS = 20
 """Images per Omniglot character: one by each of 20 people."""
 N_CHARACTERS = 1623
 HALVES = ("images_background", "images_evaluation")
-SPLITS = ("maml", "vinyals")
+SPLITS = ("maml", "vinyals", "lake")
 SUBSETS = ("train", "val", "test", "trainval")
 ROTATIONS = ("none", "random", "classes")
 CACHE_FORMAT = 2  # 2: the cache stores content hashes of its images and character names
@@ -63,6 +65,23 @@ VINYALS_TEST_ALPHABETS = (
 )
 VINYALS_TEST_CHARACTERS = tuple(f"Gurmukhi/character{i}" for i in range(42, 46))
 VINYALS_SIZES = {"train": 1028, "val": 172, "test": 423, "trainval": 1200}
+
+# Lake, Salakhutdinov and Tenenbaum (2015): the 30 alphabets of images_background (964
+# characters) are for learning, the 20 of images_evaluation (659) for testing only. Validation,
+# where asked for, holds out whole background alphabets (every sixth in name order, 158
+# characters), because the test measures transfer to new alphabets and validation should measure
+# the same thing; held-out characters of training alphabets would be easier, and would select
+# settings for the wrong kind of generalisation.
+LAKE_BACKGROUND_ALPHABETS = (
+    "Alphabet_of_the_Magi", "Anglo-Saxon_Futhorc", "Arcadian", "Armenian", "Asomtavruli_(Georgian)",
+    "Balinese", "Bengali", "Blackfoot_(Canadian_Aboriginal_Syllabics)", "Braille", "Burmese_(Myanmar)",
+    "Cyrillic", "Early_Aramaic", "Futurama", "Grantha", "Greek", "Gujarati", "Hebrew",
+    "Inuktitut_(Canadian_Aboriginal_Syllabics)", "Japanese_(hiragana)", "Japanese_(katakana)", "Korean",
+    "Latin", "Malay_(Jawi_-_Arabic)", "Mkhedruli_(Georgian)", "N_Ko", "Ojibwe_(Canadian_Aboriginal_Syllabics)",
+    "Sanskrit", "Syriac_(Estrangelo)", "Tagalog", "Tifinagh",
+)
+LAKE_VAL_ALPHABETS = LAKE_BACKGROUND_ALPHABETS[5::6]
+LAKE_SIZES = {"train": 806, "val": 158, "test": 659, "trainval": 964}
 
 
 class OmniglotNotFoundError(DataError, FileNotFoundError):
@@ -387,12 +406,19 @@ def omniglot_split(
             ``"vinyals"``: the fixed split of Vinyals et al. (2016) as published with Prototypical
             Networks: 1028 train, 172 val, 423 test characters (``"trainval"``: 1200), chosen by
             alphabet. Needs all 1623 characters.
+            ``"lake"``: Lake et al.'s (2015) original split: ``"trainval"`` is the 30 alphabets
+            of ``images_background`` (964 characters), ``"test"`` the 20 alphabets of
+            ``images_evaluation`` (659), used for testing only. With ``validation``, whole
+            background alphabets are held out as ``"val"`` (:data:`LAKE_VAL_ALPHABETS`, every
+            sixth in name order: 158 characters) and ``"train"`` keeps 806; without, ``"train"``
+            is all 964. Alphabets, not characters, are held out because the test is on new
+            alphabets. Needs all 1623 characters.
         subset: ``"train"``, ``"val"``, ``"test"`` or ``"trainval"``.
-        seed: the ``"maml"`` shuffle's seed (ignored by ``"vinyals"``).
-        validation: ``"maml"`` only: hold ``n_val`` characters out of ``"train"`` as ``"val"``.
+        seed: the ``"maml"`` shuffle's seed (ignored by the others).
+        validation: ``"maml"`` and ``"lake"``: hold characters out of ``"train"`` as ``"val"``.
         rotations_as_classes: add each character's rotations by 90, 180 and 270 degrees as three
             new classes (4x the classes). Default: true for ``"vinyals"`` (4112 / 688 / 1692
-            classes), false for ``"maml"``.
+            classes), false for ``"maml"`` and ``"lake"``.
         n_train, n_val: the ``"maml"`` sizes; change them only for a subset of the data.
 
     Returns:
@@ -425,6 +451,8 @@ def omniglot_split(
             "train": order[:n_fit], "val": order[n_fit:n_train],
             "trainval": order[:n_train], "test": order[n_train:],
         }[subset]
+    elif split == "lake":
+        chosen = _lake_split(characters, subset, validation)
     else:
         if n != N_CHARACTERS:
             raise DataError(
@@ -448,6 +476,39 @@ def omniglot_split(
             )
     chosen = chosen.sort().values
     return _with_rotations(chosen, n) if rotations_as_classes else chosen
+
+
+def _lake_split(characters: Sequence[str], subset: str, validation: bool) -> Tensor:
+    """The indices of ``subset`` of Lake et al.'s background / evaluation split (see :func:`omniglot_split`)."""
+    if len(characters) != N_CHARACTERS:
+        raise DataError(
+            f"split='lake' needs all {N_CHARACTERS} Omniglot characters (images_background and "
+            f"images_evaluation); the data has {len(characters)}"
+        )
+    if subset == "val" and not validation:
+        raise ConfigError(
+            "subset = 'val' is not allowed with split='lake' and validation=False: pass validation=True "
+            f"to hold the background alphabets {', '.join(LAKE_VAL_ALPHABETS)} out"
+        )
+    alphabets = [name.split("/")[0] for name in characters]
+    background = [a in LAKE_BACKGROUND_ALPHABETS for a in alphabets]
+    held_out = [a in LAKE_VAL_ALPHABETS for a in alphabets]
+    if subset == "test":
+        keep = [not b for b in background]
+    elif subset == "val":
+        keep = held_out
+    elif subset == "train" and validation:
+        keep = [b and not h for b, h in zip(background, held_out)]
+    else:  # "trainval", or "train" without validation
+        keep = background
+    chosen = torch.tensor(keep).nonzero().flatten()
+    size = LAKE_SIZES["trainval" if subset == "train" and not validation else subset]
+    if len(chosen) != size:
+        raise DataError(
+            f"split='lake', subset={subset!r} found {len(chosen)} characters, not the {size} of Omniglot's "
+            "images_background / images_evaluation: are these the canonical Omniglot folder names?"
+        )
+    return chosen
 
 
 class EpisodeSampler:

@@ -259,6 +259,42 @@ def test_vinyals_split_is_class_disjoint_and_keeps_rotations_of_a_character_toge
     assert torch.equal(plain, characters["test"].unique())
 
 
+def test_lake_split_trains_on_background_alphabets_and_tests_on_all_evaluation_alphabets(omniglot):
+    folder = FULL_ROOT / "omniglot-py"
+    on_disk = {half: {p.name for p in (folder / half).iterdir() if p.is_dir()} for half in data.HALVES}
+    assert set(data.LAKE_BACKGROUND_ALPHABETS) == on_disk["images_background"]
+    names = omniglot.characters
+    subsets = {s: omniglot_split(names, "lake", s, validation=True) for s in ("train", "val", "test", "trainval")}
+    assert [len(subsets[s]) for s in ("train", "val", "test", "trainval")] == [806, 158, 659, 964]
+    sets = {s: set(c.tolist()) for s, c in subsets.items()}
+    assert not sets["train"] & sets["val"] and not sets["train"] & sets["test"] and not sets["val"] & sets["test"]
+    assert sets["train"] | sets["val"] == sets["trainval"]
+    assert sets["trainval"] | sets["test"] == set(range(1623))
+
+    def alphabets(s):
+        return {names[c].split("/")[0] for c in sets[s]}
+
+    assert alphabets("test") == on_disk["images_evaluation"] and len(alphabets("test")) == 20
+    assert alphabets("trainval") == on_disk["images_background"] and len(alphabets("trainval")) == 30
+    assert all(c >= omniglot.n_background for c in sets["test"])  # test characters: images_evaluation only
+    assert alphabets("val") == set(data.LAKE_VAL_ALPHABETS) and not alphabets("val") & alphabets("train")
+    without = {s: omniglot_split(names, "lake", s) for s in ("train", "test")}
+    assert set(without["train"].tolist()) == sets["trainval"] and torch.equal(without["test"], subsets["test"])
+    rotated = omniglot_split(names, "lake", "test", rotations_as_classes=True)
+    assert len(rotated) == 4 * 659 and set(split_class_ids(rotated, 1623)[0].tolist()) == sets["test"]
+
+
+@needs_full
+def test_lake_split_is_wired_through_the_configuration():
+    import mmtl_lib as ml
+
+    config = ml.preset("cpu", split="lake")
+    samplers = ml.samplers(config, torch.device("cpu"))
+    assert [samplers[s].n_classes for s in ("train", "val", "test")] == [806, 158, 659]
+    with pytest.raises(ConfigError, match=r"split = 'lakes' is not allowed"):
+        ml.preset("cpu", split="lakes")
+
+
 @needs_full
 def test_vinyals_split_matches_the_published_split_files(omniglot):
     folder = FULL_ROOT / "splits" / "vinyals"
@@ -418,7 +454,12 @@ ROTATED = torch.tensor([0, 1, 12 + 0])  # character 0, character 1, character 0 
         (lambda: EpisodeSampler(IMAGES.float(), torch.arange(12), 5, 1, 1),
          r"images must be a uint8 tensor", ConfigError),
         (lambda: EpisodeSampler(IMAGES, torch.tensor([0, 48]), 2, 1, 1), r"classes must lie in \[0, 48\)", ConfigError),
-        (lambda: omniglot_split(NAMES, "lake"), r"split = 'lake' is not allowed: it must be one of", ConfigError),
+        (lambda: omniglot_split(NAMES, "lakes"), r"split = 'lakes' is not allowed: it must be one of", ConfigError),
+        (lambda: omniglot_split(NAMES[:1000], "lake"), r"split='lake' needs all 1623 .* has 1000", DataError),
+        (lambda: omniglot_split(NAMES, "lake"), r"split='lake', subset='train' found 0 characters, not the 964",
+         DataError),
+        (lambda: omniglot_split(NAMES, "lake", "val"), r"subset = 'val' is not allowed with split='lake' and "
+                                                       r"validation=False", ConfigError),
         (lambda: omniglot_split(NAMES, "maml", "validation"), r"subset = 'validation' is not allowed", ConfigError),
         (lambda: omniglot_split(NAMES, "maml", "val"), r"subset = 'val' is not allowed .*validation=True", ConfigError),
         (lambda: omniglot_split(NAMES[:1000], "maml"), r"n_train = 1200 is not allowed", ConfigError),
