@@ -34,7 +34,7 @@ from .optim import adam, sgd
 from .tasks import Sampler, Sinusoid
 from .train import OPTIMIZERS, SCHEDULES, Trainer
 
-MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil")
+MAML_FAMILY = ("maml", "fomaml", "metasgd", "anil", "maml++", "protomaml")
 ALGORITHMS = (*MAML_FAMILY, "reptile", "pretrain")
 TASKS = ("omniglot", "sinusoid")
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -131,6 +131,9 @@ class Config:
         for key in ("amp", "tf32"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not allowed: it must be True or False")
+        if self.algorithm == "protomaml" and self.task != "omniglot":
+            raise ConfigError(f"algorithm = 'protomaml' is not allowed for task = {self.task!r}: its prototype "
+                              "head is a classifier's (task = 'omniglot')")
         if self.preset is not None and self.preset not in PRESETS:
             checks.one_of("preset", self.preset, PRESETS)
         if self.task == "omniglot":
@@ -225,6 +228,13 @@ PRESETS: dict[str, dict] = {
                 rotation="none", meta_batch_size=8, inner_lr=0.4, inner_steps=1, test_inner_steps=3,
                 iterations=100_000, time_budget=300.0, outer_lr=5e-3, schedule="cosine", final_lr_fraction=0.05,
                 val_every=500, val_tasks=100),
+    # The MAML paper's 5-way 1-shot set-up with MAML++'s stabilisers (Antoniou et al. 2019: multi-step
+    # loss, per-step learning rates and BatchNorm, derivative-order annealing, cosine annealing of
+    # the meta learning rate) and, as there, 5 inner steps in training and at test time.
+    "maml++-5w1s": _maml(5, 1, algorithm="maml++") | dict(inner_lr=0.1, inner_steps=5, test_inner_steps=5,
+                                                          schedule="cosine", final_lr_fraction=0.01),
+    # Proto-MAML (Triantafillou et al. 2020) in the MAML paper's 5-way 1-shot set-up.
+    "protomaml-5w1s": _maml(5, 1, algorithm="protomaml"),
     # Finn et al. 2017, sec. 5.1: K = 10, one step of size 0.01, meta-batch 25, 70k iterations.
     "sinusoid": dict(task="sinusoid", k_shot=10, n_query=10, inner_lr=0.01, inner_steps=1, test_inner_steps=10,
                      meta_batch_size=25, iterations=70_000, val_every=5000, val_tasks=500),
@@ -284,8 +294,10 @@ def build_learner(config: Config, device, n_classes: int | None = None) -> Learn
         if config.task == "sinusoid":
             model, loss_fn = MLP(1, (40, 40), 1).to(device), F.mse_loss
         else:
+            # MAML++ (Antoniou et al. 2019) has BatchNorm weights and biases per inner step.
             model = Conv4(config.n_way, filters=config.filters, image_size=config.image_size,
-                          head_init=config.head_init).to(device)
+                          head_init=config.head_init,
+                          bn_steps=config.inner_steps if config.algorithm == "maml++" else None).to(device)
             loss_fn = F.cross_entropy
         if config.algorithm == "pretrain" and config.task == "omniglot":
             if n_classes is None:
@@ -310,7 +322,15 @@ def build_learner(config: Config, device, n_classes: int | None = None) -> Learn
         adapt_names=head_names(model) if config.algorithm == "anil" else None,
         inner_optimizer=adam() if config.inner_optimizer == "adam" else sgd(),
         inner_grad_clip=config.inner_grad_clip, backend=config.backend, chunk_size=config.chunk_size,
+        proto_head=config.algorithm == "protomaml", **(_maml_plus_plus(config) if config.algorithm == "maml++" else {}),
     )
+
+
+def _maml_plus_plus(config: Config) -> dict:
+    # MAML++'s code anneals the multi-step loss over 15 of 150 epochs and turns to second order
+    # after epoch 80: here the same fractions of `iterations`.
+    return dict(learn_step_lrs=True, msl_iterations=max(1, config.iterations // 10),
+                first_order_iterations=config.iterations * 8 // 15)
 
 
 def build_trainer(config: Config, learner: Learner, samplers: dict, *, validate: bool = True) -> Trainer:

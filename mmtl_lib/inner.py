@@ -13,7 +13,7 @@ Reptile's Adam loop, the baselines' fine-tuning, the lookahead of learned task w
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -115,6 +115,18 @@ def _learning_rates(inner_lr, params: Mapping[str, Tensor], names: list[str]) ->
     return {n: lr for n in names}
 
 
+def _step_rates(inner_lr, params: Mapping[str, Tensor], names: list[str], inner_steps: int) -> list[dict]:
+    """One dict of rates per step: ``inner_lr`` repeated, or a list with one entry per step (LSLR)."""
+    if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, str):
+        if len(inner_lr) != inner_steps:
+            raise checks.ConfigError(
+                f"inner_lr is a list of {len(inner_lr)} per-step rates, but inner_steps = {inner_steps}: "
+                "give one rate (a number or a dict name -> tensor) for each step"
+            )
+        return [_learning_rates(rate, params, names) for rate in inner_lr]
+    return [_learning_rates(inner_lr, params, names)] * inner_steps
+
+
 def _clip(grads: Params, max_norm: float) -> Params:
     # Scale rather than branch on the norm, so the same code runs under vmap.
     norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
@@ -129,7 +141,7 @@ def inner_loop(
     loss_fn: LossFn,
     *,
     inner_steps: int,
-    inner_lr: float | Mapping[str, Tensor],
+    inner_lr: float | Mapping[str, Tensor] | Sequence,
     optimizer: InnerOptimizer | None = None,
     first_order: bool = False,
     adapt_names=None,
@@ -137,6 +149,7 @@ def inner_loop(
     inner_grad_clip: float | None = None,
     inner_batch_size: int | None = None,
     generator: torch.Generator | None = None,
+    step_buffers: Callable[[int], Mapping[str, Tensor]] | None = None,
 ) -> Iterator[Params]:
     """The parameters before and after each inner step: ``phi_0 = params, phi_1, ..., phi_k``.
 
@@ -156,7 +169,9 @@ def inner_loop(
         loss_fn: ``loss_fn(prediction, y)`` -> scalar tensor, e.g. ``F.mse_loss``.
         inner_steps: ``k``, the number of inner steps, >= 0.
         inner_lr: ``alpha``: a step size > 0, or a dict name -> tensor broadcastable to that
-            parameter (per-parameter rates, learned as in Meta-SGD; such rates may take any sign).
+            parameter (per-parameter rates, learned as in Meta-SGD; such rates may take any sign),
+            or a list of ``inner_steps`` such rates, step ``j`` using entry ``j`` (per-step
+            rates, learned per layer and step in MAML++'s LSLR).
         optimizer: what a step does with the gradient: :func:`mmtl_lib.sgd` (default) or
             :func:`mmtl_lib.adam`; its state starts fresh at ``phi_0``.
         first_order: treat the inner gradients as constants (first-order MAML, Reptile). The
@@ -167,6 +182,8 @@ def inner_loop(
         inner_grad_clip: if given, rescale each step's gradient to at most this global norm.
         inner_batch_size: examples per step, taken in turn from a random permutation of the
             support set (``generator`` draws it; Reptile's mini-batches); ``None``: all of it.
+        step_buffers: ``j -> buffers`` that override entries of ``buffers`` in step ``j``'s
+            forward pass (MAML++'s per-step BatchNorm, :func:`mmtl_lib.models.step_buffers`).
 
     Yields:
         name -> tensor with the same keys as ``params``, ``inner_steps + 1`` times: each
@@ -177,12 +194,18 @@ def inner_loop(
     if not params:
         raise checks.ConfigError("params is empty: pass e.g. dict(model.named_parameters())")
     _check_params(model, params)
-    if isinstance(inner_lr, Mapping):
-        checks.known_names("inner_lr", inner_lr, params)
+    for rate in (inner_lr if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, str) else [inner_lr]):
+        if isinstance(rate, Mapping):
+            checks.known_names("inner_lr", rate, params)
     if adapt_names is None:
-        adapt_names = list(inner_lr) if isinstance(inner_lr, Mapping) else list(params)
+        first = inner_lr[0] if isinstance(inner_lr, Sequence) and not isinstance(inner_lr, str) and inner_lr \
+            else inner_lr
+        adapt_names = list(first) if isinstance(first, Mapping) else list(params)
     names = checks.known_names("adapt_names", adapt_names, params)
-    lrs = _learning_rates(inner_lr, params, names)
+    lrs = _step_rates(inner_lr, params, names, inner_steps)
+    if step_buffers is not None and not callable(step_buffers):
+        raise checks.ConfigError(f"step_buffers = {step_buffers!r:.80} is not allowed: it must be a function "
+                                 "j -> buffers, e.g. mmtl_lib.models.step_buffers(model)")
     optimizer = sgd() if optimizer is None else optimizer
     if not isinstance(optimizer, InnerOptimizer):
         raise checks.ConfigError(
@@ -197,11 +220,11 @@ def inner_loop(
     if buffers is None:
         buffers = buffer_copies(model)
     return _steps(model, dict(params), x, y, loss_fn, inner_steps, lrs, optimizer, first_order, names,
-                  dict(buffers), inner_grad_clip, order, inner_batch_size)
+                  dict(buffers), inner_grad_clip, order, inner_batch_size, step_buffers)
 
 
 def _steps(model, fast, x, y, loss_fn, inner_steps, lrs, optimizer, first_order, names, buffers, clip,
-           order, batch) -> Iterator[Params]:
+           order, batch, step_buffers) -> Iterator[Params]:
     yield fast
     state = optimizer.init({n: fast[n] for n in names})
     for step in range(inner_steps):
@@ -217,10 +240,11 @@ def _steps(model, fast, x, y, loss_fn, inner_steps, lrs, optimizer, first_order,
             return loss_fn(forward(model, {**base, **adapted}, xb, buffers), yb)
 
         # Buffers are an argument, not a capture: BatchNorm may update its running statistics.
-        grads = torch.func.grad(support_loss)({n: base[n] for n in names}, buffers)
+        step_bufs = buffers if step_buffers is None else {**buffers, **step_buffers(step)}
+        grads = torch.func.grad(support_loss)({n: base[n] for n in names}, step_bufs)
         if clip is not None:
             grads = _clip(grads, clip)
-        updates, state = optimizer.update(grads, state, lrs)
+        updates, state = optimizer.update(grads, state, lrs[step])
         fast = {**fast, **{n: fast[n] + updates[n] for n in names}}
         yield fast
 

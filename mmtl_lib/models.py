@@ -30,26 +30,42 @@ class BatchNorm(nn.Module):
     while the per-task loop matched finite differences. Written out, autograd and vmap see only
     means, subtractions and divisions, whose rules are right; ``tests/test_learners.py``
     checks loop == vmap and ``tests/test_inner.py`` checks against finite differences.
+
+    With ``steps`` (MAML++'s per-step BatchNorm weights and biases, Antoniou et al. 2019),
+    ``weight`` and ``bias`` are ``[steps, num_features]``, one row per inner step, and the
+    buffer ``step`` (a 0-dim integer, default 0) picks the row a forward pass uses. The inner
+    loop sets it through :func:`step_buffers`; the model object is never modified.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5, steps: int | None = None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(checks.positive_int("num_features", num_features)))
-        self.bias = nn.Parameter(torch.zeros(num_features))
+        shape = (checks.positive_int("num_features", num_features),)
+        self.steps = checks.optional_positive_int("steps", steps)
+        if self.steps is not None:
+            shape = (self.steps, num_features)
+            self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=False)
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
 
     def forward(self, x: Tensor) -> Tensor:
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         mean = x.mean(dims, keepdim=True)
         var = ((x - mean) ** 2).mean(dims, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        weight, bias = self.weight, self.bias
+        if self.steps is not None:
+            weight, bias = weight[self.step], bias[self.step]
+        return (x - mean) * torch.rsqrt(var + self.eps) * weight.view(shape) + bias.view(shape)
 
 
-def batch_norm_layer(num_features: int, mode: str, dims: int) -> nn.Module:
-    """The normalisation layer for ``mode`` in :data:`BATCH_NORM_MODES` (not ``"none"``)."""
+def batch_norm_layer(num_features: int, mode: str, dims: int, steps: int | None = None) -> nn.Module:
+    """The normalisation layer for ``mode`` in :data:`BATCH_NORM_MODES` (not ``"none"``);
+    ``steps``: per-step weights and biases (transductive mode only)."""
     if mode == "transductive":
-        return BatchNorm(num_features)
+        return BatchNorm(num_features, steps=steps)
+    if steps is not None:
+        raise checks.ConfigError(f"bn_steps = {steps!r} needs batch_norm='transductive', not {mode!r}")
     return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(num_features)
 
 
@@ -59,10 +75,10 @@ class MLP(nn.Module):
     ``MLP(1, (40, 40), 1)`` is the MAML paper's sinusoid regressor. With ``batch_norm`` the hidden
     layers are followed by BatchNorm, as in the paper's fully connected Omniglot network
     (``MLP(784, (256, 128, 64, 64), n_way, batch_norm="transductive")``); inputs of any shape
-    ``[batch, ...]`` are flattened.
+    ``[batch, ...]`` are flattened. ``bn_steps``: per-step BatchNorm, as in :class:`Conv4`.
     """
 
-    def __init__(self, in_features=1, hidden=(40, 40), out_features=1, *, batch_norm="none"):
+    def __init__(self, in_features=1, hidden=(40, 40), out_features=1, *, batch_norm="none", bn_steps=None):
         super().__init__()
         checks.one_of("batch_norm", batch_norm, BATCH_NORM_MODES)
         layers: list[nn.Module] = [nn.Flatten()]
@@ -70,7 +86,7 @@ class MLP(nn.Module):
         for h in hidden:
             layers.append(nn.Linear(width, checks.positive_int("hidden", h)))
             if batch_norm != "none":
-                layers.append(batch_norm_layer(h, batch_norm, dims=1))
+                layers.append(batch_norm_layer(h, batch_norm, dims=1, steps=bn_steps))
             layers.append(nn.ReLU())
             width = h
         self.body = nn.Sequential(*layers)
@@ -81,10 +97,11 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
-def conv_block(in_channels: int, filters: int, batch_norm: str, pool: bool) -> nn.Sequential:
+def conv_block(in_channels: int, filters: int, batch_norm: str, pool: bool,
+               bn_steps: int | None = None) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_channels, filters, 3, padding=1)]
     if batch_norm != "none":
-        layers.append(batch_norm_layer(filters, batch_norm, dims=2))
+        layers.append(batch_norm_layer(filters, batch_norm, dims=2, steps=bn_steps))
     layers.append(nn.ReLU())
     layers.append(nn.MaxPool2d(2) if pool else nn.Identity())
     return nn.Sequential(*layers)
@@ -115,6 +132,9 @@ class Conv4(nn.Module):
         of the head to ``alpha / n_way * (mu_c - mu)``, where ``mu_c`` is the mean feature of
         class ``c``'s support images and ``mu`` that of all of them, and leaves the bias at zero:
         a prototype classifier (``tests/test_tasks_models.py`` checks this).
+
+    ``bn_steps``: MAML++'s per-step BatchNorm, one row of BatchNorm weights and biases per inner
+    step (:class:`BatchNorm` with ``steps``; transductive mode only).
     """
 
     def __init__(
@@ -126,6 +146,7 @@ class Conv4(nn.Module):
         image_size: int = 28,
         batch_norm: str = "transductive",
         head_init: str = "torch",
+        bn_steps: int | None = None,
     ):
         super().__init__()
         checks.one_of("batch_norm", batch_norm, BATCH_NORM_MODES)
@@ -136,7 +157,7 @@ class Conv4(nn.Module):
         channels = checks.positive_int("in_channels", in_channels)
         for _ in range(4):
             pool = size >= 2  # stop pooling once the map is 1x1, as 'SAME' pooling would
-            blocks.append(conv_block(channels, filters, batch_norm, pool))
+            blocks.append(conv_block(channels, filters, batch_norm, pool, bn_steps))
             channels, size = filters, size // 2 if pool else size
         self.body = nn.Sequential(*blocks, nn.Flatten())
         self.head = nn.Linear(filters * size * size, checks.positive_int("n_way", n_way))
@@ -147,6 +168,51 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[batch, in_channels, image_size, image_size]`` -> logits ``[batch, n_way]``."""
         return self.head(self.body(x))
+
+
+def step_buffers(model: nn.Module):
+    """MAML++'s per-step BatchNorm hook for :func:`mmtl_lib.inner_loop`: ``j -> buffers`` that make
+    every :class:`BatchNorm` with ``steps`` use row ``min(j, steps - 1)`` of its weights and
+    biases; ``None`` if the model has no such layer (then nothing changes).
+
+    Inner step ``j`` (``j = 0, ..., k - 1``) runs its support forward with ``step_buffers(j)``
+    and the query is scored at ``phi_j`` with ``step_buffers(j - 1)`` (``phi_0``: row 0), as in
+    Antoniou et al.'s code. Steps beyond the rows (a longer test-time loop) reuse the last row.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BatchNorm) and m.steps is not None}
+    if not layers:
+        return None
+
+    def buffers(j: int) -> dict[str, Tensor]:
+        return {f"{name}.step": torch.tensor(min(max(j, 0), m.steps - 1), device=m.weight.device)
+                for name, m in layers.items()}
+
+    return buffers
+
+
+def prototype_head(features: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
+    """Proto-MAML's head (Triantafillou et al. 2020): a linear layer equal to a prototypical network.
+
+    With the prototypes ``c_n`` (mean feature of class ``n``'s support examples), ``W_n = 2 c_n``
+    and ``b_n = -||c_n||^2``, so that ``W h + b = -||h - c_n||^2 + ||h||^2``: the squared-Euclidean
+    ProtoNet logits up to a term the same for every class (which the softmax ignores).
+
+    Args:
+        features: ``[n_support, d]`` support features (the body's output).
+        labels: ``[n_support]`` integer labels in ``0, ..., n_way - 1``, every class present.
+        n_way: the number of classes.
+
+    Returns:
+        ``(weight [n_way, d], bias [n_way])``, differentiable w.r.t. ``features``. Written with a
+        comparison matrix rather than indexing, so that it runs under :func:`torch.func.vmap`.
+    """
+    n_way = checks.positive_int("n_way", n_way)
+    if features.dim() != 2 or labels.shape != features.shape[:1]:
+        raise checks.ConfigError(f"features must be [n_support, d] and labels [n_support], got "
+                                 f"{tuple(features.shape)} and {tuple(labels.shape)}")
+    onehot = (labels[:, None] == torch.arange(n_way, device=labels.device)).to(features.dtype)  # [n, N]
+    prototypes = (onehot.T @ features) / onehot.sum(0)[:, None]  # [N, d]
+    return 2 * prototypes, -(prototypes * prototypes).sum(-1)
 
 
 def head_names(model: nn.Module) -> list[str]:

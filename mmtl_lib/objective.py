@@ -10,19 +10,46 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import checks
-from .inner import LossFn, Params, adapt, buffer_copies, forward
+from .inner import LossFn, Params, adapt, buffer_copies, forward, inner_loop
 from .tasks import TaskBatch
 
 BACKENDS = ("loop", "vmap")
 
 TaskBuffers = Callable[[tuple[Tensor, Tensor]], Params]
 """``task_buffers(support) -> buffers``: the buffers one task's model runs with, from its support set."""
+
+TaskParams = Callable[[Params, tuple[Tensor, Tensor], Params], Params]
+"""``task_params(params, support, buffers) -> params``: where one task's adaptation starts
+(Proto-MAML's head from the support set's prototypes)."""
+
+
+def msl_weights(inner_steps: int, progress: float) -> list[float]:
+    """MAML++'s multi-step loss weights ``v_1, ..., v_k`` (Antoniou et al. 2019, their code's
+    ``get_per_step_loss_importance_vector``) at ``progress`` through the annealing, in ``[0, 1)``.
+
+    .. math:: v_j = \\max(1/k - p/k,\\ 0.03/k) \\ (j < k), \\qquad
+        v_k = \\min(1/k + p (k-1)/k,\\ 1 - 0.03 (k-1)/k)
+
+    Uniform at ``p = 0``; from ``p = 1`` on, ``(0, ..., 0, 1)``: the final step's loss alone,
+    plain MAML, as the paper's code switches to after its ``multi_step_loss_num_epochs``.
+    """
+    k = checks.positive_int("inner_steps", inner_steps)
+    if isinstance(progress, bool) or not isinstance(progress, (int, float)) or not progress >= 0:
+        raise checks.ConfigError(f"progress = {progress!r} is not allowed: it must be a number >= 0")
+    if progress >= 1:
+        return [0.0] * (k - 1) + [1.0]
+    floor = 0.03 / k
+    return [max(1 / k - progress / k, floor)] * (k - 1) + [min(1 / k + progress * (k - 1) / k, 1 - (k - 1) * floor)]
+
+
+def _with(buffers: Params, step_buffers, step: int) -> Params:
+    return buffers if step_buffers is None else {**buffers, **step_buffers(step)}
 
 
 def meta_loss(
@@ -32,6 +59,8 @@ def meta_loss(
     loss_fn: LossFn,
     *,
     task_buffers: TaskBuffers | None = None,
+    task_params: TaskParams | None = None,
+    step_weights: Sequence[float] | None = None,
     backend: str = "loop",
     chunk_size: int | None = None,
     **inner,
@@ -40,18 +69,28 @@ def meta_loss(
 
     .. math:: L_i(\\theta) = L_{query,i}(\\mathrm{adapt}(\\theta, support_i))
 
+    or, with ``step_weights`` (MAML++'s multi-step loss),
+    ``L_i = sum_{j=1..k} v_j L_{query,i}(phi_j)``.
+
     Args:
         tasks: a :class:`TaskBatch` of ``meta_batch_size`` tasks.
         task_buffers: the per-task hook: ``task_buffers(support) -> buffers``, the buffers task
             ``i``'s model runs with in the inner loop and on its query set (MMAML's modulation,
             computed from the support set; it may depend on meta-parameters, and the
             meta-gradient reaches them). ``None``: every task gets copies of the model's buffers.
+        task_params: the hook for where task ``i``'s adaptation starts,
+            ``task_params(params, support, buffers) -> params`` (Proto-MAML's prototype head);
+            the meta-gradient flows through it. ``None``: from ``params``.
+        step_weights: ``v_1, ..., v_k``, one float per inner step (:func:`msl_weights`): the
+            query loss after every step, weighted. Steps with weight 0 are not scored at all, so
+            ``(0, ..., 0, 1)`` computes exactly what ``None`` (the last step only) does.
         backend: ``"loop"`` adapts one task after another; ``"vmap"`` vectorises over tasks with
             :func:`torch.func.vmap`, ``chunk_size`` tasks at a time (``None``: all at once).
             Both give the same values and gradients. ``"vmap"`` needs a model without running
             BatchNorm statistics (``batch_norm="transductive"`` is fine).
         inner: the keyword arguments of :func:`mmtl_lib.inner_loop` (``inner_steps``,
-            ``inner_lr``, ``optimizer``, ``first_order``, ``adapt_names``, ``inner_grad_clip``).
+            ``inner_lr``, ``optimizer``, ``first_order``, ``adapt_names``, ``inner_grad_clip``,
+            ``step_buffers``; the query at ``phi_j`` is scored with ``step_buffers(j - 1)``).
 
     Returns:
         ``(losses, predictions)``: ``losses`` ``[meta_batch_size]``, differentiable w.r.t.
@@ -64,12 +103,28 @@ def meta_loss(
         raise checks.ConfigError("meta_loss takes task_buffers (a function of the support set), not buffers")
     tasks.check()
     shared = buffer_copies(model)
+    steps = inner.get("inner_steps")
+    step_buffers = inner.get("step_buffers")
+    if step_weights is not None:
+        step_weights = [float(w) for w in step_weights]
+        if not steps or len(step_weights) != steps:
+            raise checks.ConfigError(f"step_weights has {len(step_weights)} entries, but inner_steps = {steps}: "
+                                     "give one weight per inner step")
 
     def task_loss(params, sx, sy, qx, qy):
         buffers = shared if task_buffers is None else task_buffers((sx, sy))
-        adapted = adapt(model, params, (sx, sy), loss_fn, buffers=buffers, **inner)
-        prediction = forward(model, adapted, qx, buffers)
-        return loss_fn(prediction, qy), prediction
+        start = params if task_params is None else task_params(params, (sx, sy), buffers)
+        if step_weights is None:
+            adapted = adapt(model, start, (sx, sy), loss_fn, buffers=buffers, **inner)
+            prediction = forward(model, adapted, qx, _with(buffers, step_buffers, (steps or 0) - 1))
+            return loss_fn(prediction, qy), prediction
+        loss = 0.0
+        for j, phi in enumerate(inner_loop(model, start, (sx, sy), loss_fn, buffers=buffers, **inner)):
+            if j == 0 or (step_weights[j - 1] == 0 and j < steps):
+                continue
+            prediction = forward(model, phi, qx, _with(buffers, step_buffers, j - 1))
+            loss = loss + step_weights[j - 1] * loss_fn(prediction, qy)
+        return loss, prediction
 
     (sx, sy), (qx, qy) = tasks.support, tasks.query
     if backend == "loop":
