@@ -8,10 +8,11 @@ whole public surface (``ARCHITECTURE.md`` says which module owns what):
 
 * the inner loop: :func:`adapt`, :func:`inner_loop`, :func:`forward`, :class:`Adapted`, inner
   optimizers :func:`sgd`, :func:`adam`, :class:`InnerOptimizer`;
-* meta-objectives: :func:`meta_loss`, :func:`reptile_meta_gradient`;
+* meta-objectives: :func:`meta_loss` (MAML++'s :func:`msl_weights`), :func:`reptile_meta_gradient`;
 * learners: :class:`Learner`, :class:`MAML` (:func:`first_order_maml`, :func:`meta_sgd`,
   :func:`anil`), :class:`Reptile`; baselines :class:`JointTraining`, :class:`PretrainClassifier`,
-  :class:`Scratch`;
+  :class:`Scratch`; metric-based learners :class:`MetricLearner`, :class:`ProtoNet`,
+  :class:`MatchingNet` (:func:`conv4_embedding`, :func:`prototypes`, :func:`matching_attention`);
 * meta multi-task learning: :class:`LookaheadWeights` (:func:`lookahead_loss`,
   :func:`pack_targets`, :func:`task_losses`, :func:`weighted_loss`), :class:`TRMAML`
   (:func:`project_simplex`), :class:`MMAML`;
@@ -21,7 +22,8 @@ whole public surface (``ARCHITECTURE.md`` says which module owns what):
 * tasks: :class:`TaskBatch`, :class:`Sampler`, :class:`Sinusoid`, :class:`SinusoidTaskSet`,
   :class:`MultimodalFunctions`, Omniglot (:func:`omniglot_tasks`, :class:`EpisodeSampler`,
   :func:`load_omniglot`, :func:`omniglot_split`);
-* models: :class:`MLP`, :class:`Conv4`, :class:`FiLMMLP`, :class:`SetEncoder`, :func:`head_names`;
+* models: :class:`MLP`, :class:`Conv4`, :class:`FiLMMLP`, :class:`SetEncoder`, :func:`head_names`,
+  Proto-MAML's :func:`prototype_head`, per-step BatchNorm's :func:`step_buffers`;
 * evaluation: :func:`evaluate`, :class:`Evaluation`, :func:`accuracy`, :func:`gaussian_ci95`,
   :func:`binned_means`;
 * training and experiments: :class:`Trainer`, :func:`load_checkpoint`, :class:`Config`,
@@ -31,7 +33,8 @@ whole public surface (``ARCHITECTURE.md`` says which module owns what):
 * the machine: :func:`set_threads`, :func:`default_device`, :func:`generator`,
   :func:`keep_freed_memory`, :func:`processor`, :func:`machine`.
 
-The plotting helpers of the chapters are in :mod:`mmtl_lib.plot`.
+The plotting helpers of the chapters are in :mod:`mmtl_lib.plot`, the book's conceptual
+diagrams in :mod:`mmtl_lib.diagrams`.
 """
 
 from .baselines import JointTraining, PretrainClassifier, Scratch
@@ -42,11 +45,12 @@ from .evaluation import Evaluation, accuracy, binned_means, evaluate, gaussian_c
 from .inner import Adapted, adapt, forward, inner_loop
 from .learners import MAML, Learner, Reptile, anil, first_order_maml, meta_sgd
 from .lookahead import LookaheadWeights, lookahead_loss, pack_targets, task_losses, weighted_loss
+from .metric import MatchingNet, MetricLearner, ProtoNet, conv4_embedding, matching_attention, prototypes
 from .mmaml import MMAML
-from .models import MLP, Conv4, FiLMMLP, SetEncoder, head_names
+from .models import MLP, Conv4, FiLMMLP, SetEncoder, head_names, prototype_head, step_buffers
 from .mtl import DWA, EW, RLW, UW, CrossStitch, GradNorm, HardSharing, PCGrad, cross_stitch_mlp
 from .mtl_data import alphabet_tasks, gradnorm_regression
-from .objective import meta_loss, reptile_meta_gradient
+from .objective import meta_loss, msl_weights, reptile_meta_gradient
 from .optim import InnerOptimizer, adam, sgd
 from .runtime import default_device, generator, keep_freed_memory, machine, processor, set_threads
 from .tasks import MultimodalFunctions, Sampler, Sinusoid, SinusoidTaskSet, TaskBatch
@@ -57,16 +61,17 @@ __version__ = "0.2.0"
 
 __all__ = [
     "adapt", "inner_loop", "forward", "Adapted", "sgd", "adam", "InnerOptimizer",
-    "meta_loss", "reptile_meta_gradient",
+    "meta_loss", "msl_weights", "reptile_meta_gradient",
     "Learner", "MAML", "first_order_maml", "meta_sgd", "anil", "Reptile",
     "JointTraining", "PretrainClassifier", "Scratch",
+    "MetricLearner", "ProtoNet", "MatchingNet", "conv4_embedding", "prototypes", "matching_attention",
     "LookaheadWeights", "lookahead_loss", "pack_targets", "task_losses", "weighted_loss",
     "TRMAML", "project_simplex", "MMAML",
     "HardSharing", "CrossStitch", "cross_stitch_mlp", "EW", "UW", "GradNorm", "DWA", "PCGrad", "RLW",
     "alphabet_tasks", "gradnorm_regression",
     "TaskBatch", "Sampler", "Sinusoid", "SinusoidTaskSet", "MultimodalFunctions",
     "omniglot_tasks", "EpisodeSampler", "load_omniglot", "omniglot_split",
-    "MLP", "Conv4", "FiLMMLP", "SetEncoder", "head_names",
+    "MLP", "Conv4", "FiLMMLP", "SetEncoder", "head_names", "prototype_head", "step_buffers",
     "evaluate", "Evaluation", "accuracy", "gaussian_ci95", "binned_means",
     "Trainer", "load_checkpoint", "Config", "preset", "build_learner", "build_trainer", "samplers",
     "ConfigError", "DataError", "NonFiniteLossError", "OmniglotNotFoundError",
