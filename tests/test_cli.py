@@ -72,7 +72,7 @@ def test_bad_settings_exit_2_with_one_line_before_data_is_read(extra, message, n
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "nope"], "preset = 'nope' is not allowed"),
     (["train", "--preset", "reptile-5w1s", "--set", "backend=loop"],
-     "backend (used by maml, fomaml, metasgd, anil, not reptile)"),
+     "backend (used by maml, fomaml, metasgd, anil, maml++, protomaml, not reptile)"),
     (["train", "--preset", "sinusoid", "--set", "n_way=5"], "n_way (used by the omniglot task, not sinusoid)"),
     (["evaluate", "missing.pt"], "checkpoint 'missing.pt' does not exist"),
 ])
