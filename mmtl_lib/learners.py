@@ -32,7 +32,9 @@ from .tasks import TaskBatch
 class Learner(ABC):
     """The contract between an algorithm and the code that trains and evaluates it.
 
-    Fields, set and checked once by this constructor:
+    The constructor sets and checks these fields once.
+
+    Attributes:
         model: the network; its parameters are ``theta`` (subclasses may add meta-parameters).
         loss_fn: ``loss_fn(prediction, y)`` -> scalar.
         inner_lr: the step size of adaptation to a task (at test time for every learner, and in
@@ -188,10 +190,13 @@ class MAML(Learner):
     Args:
         inner_steps: inner steps in training; ``test_inner_steps`` defaults to the same.
         backend, chunk_size: those of :func:`mmtl_lib.meta_loss`.
-        The others are the :class:`Learner` fields.
 
-    The annealed options count calls of :meth:`meta_backward` in :attr:`meta_iteration`
-    (checkpointed with the learner).
+    The other arguments are the :class:`Learner` fields.
+
+    The annealed options count meta-updates in :attr:`meta_iteration` (checkpointed with the
+    learner): calls of :meth:`meta_backward` whose loss is finite, less any step that the
+    :class:`~mmtl_lib.Trainer` rejects, so a step skipped for a non-finite loss does not advance
+    the schedules.
 
     Families that change the objective override two hooks: :meth:`task_buffers` (per-task
     inputs computed from the support set, e.g. MMAML's modulation) and :meth:`task_weights`
@@ -316,8 +321,12 @@ class MAML(Learner):
             (weights[start:stop] * loss).sum().backward()
             losses.append(loss.detach())
             predictions.append(prediction.detach())
-        self.meta_iteration += 1
-        return torch.cat(losses), torch.cat(predictions)
+        losses = torch.cat(losses)
+        if bool(torch.isfinite(losses).all()):
+            # A meta-batch with a non-finite loss is not applied (the Trainer stops on it), so the
+            # annealing schedules do not count it.
+            self.meta_iteration += 1
+        return losses, torch.cat(predictions)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -1,10 +1,11 @@
 """Task weights learned by looking ahead: meta-learning the weights of a multi-task loss.
 
 Auto-Lambda (Liu, James, Davison and Johns, TMLR 2022) and MOML (Ye et al., NeurIPS 2021): the
-weights ``lambda`` of a multi-task loss ``sum_t lambda_t L_t`` are meta-parameters, chosen so that
-``k`` training steps on that loss lower a held-out loss of the primary task. The hypergradient goes
-through :func:`mmtl_lib.adapt`, whose ``support`` tuple carries the task of every example
-(:func:`pack_targets`). The first of the book's three meta multi-task families.
+weights ``w_t`` of a multi-task loss ``sum_t w_t L_t`` (Auto-Lambda's ``lambda_t``) are
+meta-parameters, chosen so that ``k`` training steps on that loss lower a held-out loss of the
+primary task. The hypergradient goes through :func:`mmtl_lib.adapt`, whose ``support`` tuple
+carries the task of every example (:func:`pack_targets`). The first of the book's three meta
+multi-task families.
 """
 
 from __future__ import annotations
@@ -73,25 +74,25 @@ def lookahead_loss(
 ) -> Tensor:
     """The primary task's held-out loss after ``inner_steps`` SGD steps on the weighted multi-task loss.
 
-    .. math:: \\theta_{s+1} = \\theta_s - \\alpha \\nabla \\textstyle\\sum_t \\lambda_t L_t(\\theta_s),
-        \\qquad F(\\lambda) = L^{val}_{primary}(\\theta_k(\\lambda))
+    .. math:: \\theta_{s+1} = \\theta_s - \\alpha \\nabla \\textstyle\\sum_t w_t L_t(\\theta_s),
+        \\qquad F(w) = L^{val}_{primary}(\\theta_k(w))
 
-    Auto-Lambda minimises ``F`` over ``lambda`` (with ``k = 1``); MOML states it as the upper
+    Auto-Lambda minimises ``F`` over ``w`` (with ``k = 1``); MOML states it as the upper
     level of a bilevel problem. With one step, the chain rule through
-    ``theta_1 = theta - alpha sum_t lambda_t grad L_t(theta)``, where ``d theta_1 / d lambda_j =
+    ``theta_1 = theta - alpha sum_t w_t grad L_t(theta)``, where ``d theta_1 / d w_j =
     -alpha grad L_j(theta)``, gives
 
-    .. math:: \\frac{\\partial F}{\\partial \\lambda_j}
+    .. math:: \\frac{\\partial F}{\\partial w_j}
         = -\\alpha\\, \\nabla L^{val}(\\theta_1)^\\top \\nabla L_j(\\theta)
 
-    (tested against autograd in ``tests/test_lookahead.py``). Gradient descent on ``lambda`` thus
+    (tested against autograd in ``tests/test_lookahead.py``). Gradient descent on ``w`` thus
     raises the weight of a task in proportion to how well its training gradient agrees with the
     primary task's validation gradient: the gradient-similarity rule of Du et al. (2018), who
     keep an auxiliary loss only while ``cos(grad L_main, grad L_aux) > 0``, with an unnormalised
     dot product and a smooth weight in place of the gate; and, with one weight per training
     *example* instead of per task, the one-step lookahead of learning to reweight examples (Ren
     et al. 2018). For ``k > 1``,
-    ``d theta_k / d lambda_j = -alpha sum_s [prod_{r>s} (I - alpha H_r)] grad L_j(theta_s)``
+    ``d theta_k / d w_j = -alpha sum_s [prod_{r>s} (I - alpha H_r)] grad L_j(theta_s)``
     (``H_r`` the Hessian of the weighted loss at ``theta_r``): a task also counts for how its
     gradient interacts with the curvature of the later steps, which autograd through
     :func:`mmtl_lib.adapt` handles.
@@ -99,7 +100,7 @@ def lookahead_loss(
     Args:
         model: a network with one output column per task, ``[n, *input_shape] -> [n, T]``.
         params: name -> tensor, the network's parameters ``theta``.
-        weights: ``[T]`` task weights ``lambda``.
+        weights: ``[T]`` task weights ``w``.
         train: ``(x, packed)``: the multi-task training batch, ``packed`` from :func:`pack_targets`.
         val: ``(x, packed)``: held-out examples of the primary task.
         inner_steps: ``k``, the lookahead's SGD steps; inner_lr: ``alpha``; inner_grad_clip: as in
@@ -114,7 +115,7 @@ def lookahead_loss(
 
 
 class LookaheadWeights:
-    """Task weights ``lambda >= 0`` trained by Adam on :func:`lookahead_loss` (Auto-Lambda).
+    """Task weights ``w >= 0`` trained by Adam on :func:`lookahead_loss` (Auto-Lambda).
 
     Alternate, every training step: ``update`` the weights on the hypergradient at the current
     network, then train the network on ``loss_fn()``, the weighted loss with the weights held

@@ -27,10 +27,12 @@ class MMAML(MAML):
     :func:`mmtl_lib.evaluate` works unchanged.
 
     Args:
-        model: a :class:`~mmtl_lib.FiLMMLP`; encoder: a :class:`~mmtl_lib.SetEncoder` for it.
+        model: a :class:`~mmtl_lib.FiLMMLP`.
+        encoder: a :class:`~mmtl_lib.SetEncoder` for it.
         inner_grad_clip: clip each inner step's gradient to this norm; on the mixture of sines,
             lines and quadratics (targets up to ~13) the inner loop diverged without it.
-        The other arguments are those of :class:`mmtl_lib.MAML`.
+
+    The other arguments are those of :class:`mmtl_lib.MAML`.
     """
 
     name = "mmaml"

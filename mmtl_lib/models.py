@@ -223,10 +223,11 @@ def head_names(model: nn.Module) -> list[str]:
 
 
 class FiLM(nn.Module):
-    """Feature-wise linear modulation (Perez et al. 2018), ``h -> gamma * h + beta``.
+    """Feature-wise linear modulation (Perez et al. 2018), ``h -> gamma * h + delta``.
 
-    ``gamma`` and ``beta`` ``[features]`` are buffers set to the identity: a task's modulation
-    replaces them through :func:`torch.func.functional_call`, never by assignment.
+    The scale ``gamma`` and the shift ``delta`` ``[features]`` are the buffers ``gamma`` and
+    ``beta`` (the paper's names), set to the identity: a task's modulation replaces them through
+    :func:`torch.func.functional_call`, never by assignment.
     """
 
     def __init__(self, features: int):
@@ -240,13 +241,15 @@ class FiLM(nn.Module):
 
 class FiLMMLP(MLP):
     """:class:`MLP` with every hidden pre-activation modulated, as in MMAML's regressor:
-    ``h_l = ReLU(gamma_l * (W_l h_{l-1} + b_l) + beta_l)``.
+    ``h_l = ReLU(gamma_l * (W_l h_{l-1} + b_l) + delta_l)``, with the FiLM scale ``gamma_l`` and
+    shift ``delta_l`` (the paper's ``beta_l``).
 
     Its parameters have the MLP's names. The modulation lives in buffers ``film.{l}.gamma``
-    and ``film.{l}.beta`` ``[hidden[l]]``, at the identity by default, so ``FiLMMLP(...)(x)`` is the
-    plain MLP; pass a task's modulation as ``buffers`` to :func:`mmtl_lib.adapt` and
-    :func:`mmtl_lib.forward`: adapt then keeps it fixed (it adapts parameters only) while
-    autograd still reaches whatever computed it (:class:`mmtl_lib.MMAML`).
+    (``gamma_l``) and ``film.{l}.beta`` (``delta_l``) ``[hidden[l]]``, at the identity by
+    default, so ``FiLMMLP(...)(x)`` is the plain MLP; pass a task's modulation as ``buffers``
+    to :func:`mmtl_lib.adapt` and :func:`mmtl_lib.forward`: adapt then keeps it fixed (it
+    adapts parameters only) while autograd still reaches whatever computed it
+    (:class:`mmtl_lib.MMAML`).
     """
 
     def __init__(self, in_features=1, hidden=(40, 40), out_features=1):
@@ -270,13 +273,14 @@ class FiLMMLP(MLP):
 class SetEncoder(nn.Module):
     """A task's FiLM modulation from its support set, invariant to the order of the examples.
 
-    ``e = rho(mean_i phi([x_i, y_i]))`` (Deep Sets, Zaheer et al. 2017), then a linear map to
-    every ``gamma`` and ``beta``. MMAML's regression encoder is a recurrent network over the
-    support examples; the mean-pooled MLP is the permutation-invariant choice and was enough
-    here. The last layer starts at zero and ``gamma = 1 + output``, so that at initialisation
-    every task gets the identity modulation and MMAML starts exactly as MAML, which makes the
-    comparison with MAML clean. (A random start trained about as well in our sinusoid runs; the
-    inner-gradient clipping of :class:`MMAML` is what training needed.)
+    The book's ``E_omega``: ``e = rho(mean_i phi([x_i, y_i]))`` (Deep Sets, Zaheer et al. 2017; the
+    book's ``MLP_2`` and ``MLP_1``), then a linear map to every scale ``gamma`` and shift ``delta``
+    (the buffers ``gamma`` and ``beta`` of :class:`FiLMMLP`). MMAML's regression encoder is a
+    recurrent network over the support examples; the mean-pooled MLP is the permutation-invariant
+    choice and was enough here. The last layer starts at zero and ``gamma = 1 + output``, so that at
+    initialisation every task gets the identity modulation and MMAML starts exactly as MAML, which
+    makes the comparison with MAML clean. (A random start trained about as well in our sinusoid
+    runs; the inner-gradient clipping of :class:`MMAML` is what training needed.)
 
     Args:
         in_features, out_features: of the regression network (one example is ``[x, y]``).

@@ -31,12 +31,13 @@ TaskParams = Callable[[Params, tuple[Tensor, Tensor], Params], Params]
 
 def msl_weights(inner_steps: int, progress: float) -> list[float]:
     """MAML++'s multi-step loss weights ``v_1, ..., v_k`` (Antoniou et al. 2019, their code's
-    ``get_per_step_loss_importance_vector``) at ``progress`` through the annealing, in ``[0, 1)``.
+    ``get_per_step_loss_importance_vector``) at ``progress`` ``r`` through the annealing, in
+    ``[0, 1)``.
 
-    .. math:: v_j = \\max(1/k - p/k,\\ 0.03/k) \\ (j < k), \\qquad
-        v_k = \\min(1/k + p (k-1)/k,\\ 1 - 0.03 (k-1)/k)
+    .. math:: v_j = \\max(1/k - r/k,\\ 0.03/k) \\ (j < k), \\qquad
+        v_k = \\min(1/k + r (k-1)/k,\\ 1 - 0.03 (k-1)/k)
 
-    Uniform at ``p = 0``; from ``p = 1`` on, ``(0, ..., 0, 1)``: the final step's loss alone,
+    Uniform at ``r = 0``; from ``r = 1`` on, ``(0, ..., 0, 1)``: the final step's loss alone,
     plain MAML, as the paper's code switches to after its ``multi_step_loss_num_epochs``.
     """
     k = checks.positive_int("inner_steps", inner_steps)

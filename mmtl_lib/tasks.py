@@ -193,7 +193,8 @@ class SinusoidTaskSet(_Regression):
 
     Args:
         amplitude_bands: ``[N, 2]`` (low, high) per task.
-        The others as for :class:`Sinusoid`.
+
+    The other arguments are those of :class:`Sinusoid`.
     """
 
     def __init__(self, amplitude_bands: Tensor, k_shot: int, n_query: int, *, phase=(0.0, math.pi),

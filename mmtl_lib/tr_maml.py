@@ -60,7 +60,8 @@ class TRMAML(MAML):
         n_tasks: ``N``, the size of the training task set; meta-batches must carry
             ``info["task_id"]`` (as :class:`~mmtl_lib.SinusoidTaskSet` does).
         p_lr: the ascent step on ``p``.
-        The other arguments are those of :class:`mmtl_lib.MAML`.
+
+    The other arguments are those of :class:`mmtl_lib.MAML`.
     """
 
     name = "tr-maml"

@@ -123,12 +123,15 @@ class Trainer:
 
         A :class:`~mmtl_lib.errors.ConfigError` or :class:`~mmtl_lib.errors.DataError` (a
         non-finite loss, a meta-batch too large for memory, a bad task batch) is raised before the
-        optimizer steps, with the task generator rewound: the trainer is then exactly as after the
-        last good iteration, and a checkpoint of it is that iteration's.
+        optimizer steps, with the task generator (and a learner's ``meta_iteration``, MAML++'s
+        annealing counter) rewound: the trainer is then exactly as after the last good iteration,
+        and a checkpoint of it is that iteration's.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr()
         drawn_from = self.generator.get_state()
+        # MAML++'s annealing counts meta-updates: a rejected step must not advance it.
+        counted = getattr(self.learner, "meta_iteration", None)
         try:
             tasks, losses, predictions = self._meta_backward()
             loss = losses.mean().item()
@@ -142,6 +145,8 @@ class Trainer:
                 record["metric"] = per_task(self.metric, predictions, tasks.query[1]).mean().item()
         except (ConfigError, DataError):
             self.generator.set_state(drawn_from)
+            if counted is not None:
+                self.learner.meta_iteration = counted
             raise
         if self.outer_grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.learner.meta_parameters(), self.outer_grad_clip)

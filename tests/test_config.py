@@ -133,6 +133,14 @@ def test_presets_follow_the_papers():
     assert (sine.k_shot, sine.inner_lr, sine.inner_steps, sine.meta_batch_size) == (10, 0.01, 1, 25)
 
 
+def test_every_preset_trains_a_fixed_number_of_iterations_not_seconds():
+    # The book's rule: a run is a fixed number of iterations, the same on every machine; a time
+    # budget is the command line's --time-budget, never a preset's.
+    assert all(ml.preset(name).time_budget is None for name in configs.PRESETS)
+    assert ml.preset("cpu").iterations == 6_800  # what benchmarks/cpu_budget.py's 5 minutes made
+    assert ml.preset("cpu", time_budget=120).time_budget == 120.0
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "anil", "reptile"])
 def test_build_learner_makes_the_configured_algorithm(algorithm):
     config = ml.preset("maml-5w1s").replace(algorithm=algorithm, inner_optimizer="adam")

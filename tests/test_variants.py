@@ -210,6 +210,57 @@ def test_msl_learner_anneals_to_plain_maml():
     assert all(torch.equal(a, b) for a, b in zip(meta_grads(learner, tasks), meta_grads(plain, tasks)))
 
 
+def nan_switch():
+    """A loss that turns NaN while ``on["nan"]`` is set: a step the trainer must reject."""
+    on = {"nan": False}
+
+    def loss_fn(prediction, y):
+        loss = F.mse_loss(prediction, y)
+        return loss * float("nan") if on["nan"] else loss
+    return on, loss_fn
+
+
+def test_annealing_counts_applied_meta_updates_not_rejected_steps(tmp_path):
+    # MAML++'s schedules advance with the meta-updates the trainer applies: a step rejected for
+    # a non-finite loss leaves the counter, the checkpoint and the next step's weights as after
+    # the last good iteration.
+    on, loss_fn = nan_switch()
+    learner = ml.MAML(mlp(), loss_fn, inner_lr=0.05, inner_steps=2, msl_iterations=4, first_order_iterations=2)
+    trainer = ml.Trainer(learner, ml.Sinusoid(5, 5, dtype=torch.float64), meta_batch_size=3, outer_lr=1e-3)
+    trainer.fit(1, progress=False)
+    on["nan"] = True
+    for _ in range(2):
+        with pytest.raises(ml.NonFiniteLossError):
+            trainer.fit(5, checkpoint=tmp_path / "ckpt.pt", progress=False)
+    assert trainer.iteration == 1 and learner.meta_iteration == 1
+    assert ml.load_checkpoint(tmp_path / "ckpt.pt")["learner"]["meta_iteration"] == 1
+    assert learner.step_weights() == pytest.approx(ml.msl_weights(2, 1 / 4))
+    on["nan"] = False
+    trainer.step()
+    assert trainer.iteration == learner.meta_iteration == 2
+    # called directly, meta_backward does not count a meta-batch whose loss is not finite
+    on["nan"] = True
+    learner.meta_backward(sine_tasks())
+    assert learner.meta_iteration == 2
+
+
+def test_a_step_rejected_after_the_meta_gradient_is_not_counted():
+    # The trainer rejects the step after meta_backward returned (the loss it reports is NaN):
+    # the learner's count is taken back with it.
+    learner = ml.MAML(mlp(), F.mse_loss, inner_lr=0.05, inner_steps=2, first_order_iterations=2)
+    trainer = ml.Trainer(learner, ml.Sinusoid(5, 5, dtype=torch.float64), meta_batch_size=3, outer_lr=1e-3)
+    meta_backward = learner.meta_backward
+
+    def nan_loss(tasks):
+        losses, predictions = meta_backward(tasks)
+        return losses * float("nan"), predictions
+
+    learner.meta_backward = nan_loss
+    with pytest.raises(ml.NonFiniteLossError):
+        trainer.step()
+    assert trainer.iteration == 0 and learner.meta_iteration == 0
+
+
 # --- per-step BatchNorm ------------------------------------------------------------------------------
 
 
