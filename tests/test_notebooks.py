@@ -35,6 +35,14 @@ def test_notebook_has_no_outputs(source):
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_chapter_installs_the_library_on_colab_first(source):
+    first = next(c for c in jupytext.read(source).cells if c.cell_type == "code")
+    assert "colab" in first.metadata.get("tags", []), f"{source.name}: the first code cell must be tagged 'colab'"
+    assert '"google.colab" in sys.modules' in first.source and "MMTL_REPO_URL" in first.source
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_chapter_sets_threads_first(source):
-    code = [c.source for c in jupytext.read(source).cells if c.cell_type == "code"]
-    assert "set_threads(" in code[0], f"{source.name}: the first code cell must call mmtl_lib.set_threads()"
+    code = [c for c in jupytext.read(source).cells if c.cell_type == "code"]
+    first = next(c.source for c in code if "colab" not in c.metadata.get("tags", []))
+    assert "set_threads(" in first, f"{source.name}: the first code cell after the Colab one must call set_threads()"
