@@ -59,3 +59,14 @@ def test_the_repository_url_is_one_setting():
     for chapter in (ROOT / "chapters").glob("*.md"):
         text = allowed.sub("", chapter.read_text())
         assert "github.com/" not in text, chapter.name
+
+
+def test_the_api_reference_documents_every_public_name():
+    import mmtl_lib
+
+    api = (ROOT / "book" / "api.md").read_text()
+    documented = set(re.findall(r"^\.\. auto(?:function|class):: (\w+)$", api, re.M))
+    assert documented == set(mmtl_lib.__all__), (
+        f"missing from book/api.md: {sorted(set(mmtl_lib.__all__) - documented)}; "
+        f"not public: {sorted(documented - set(mmtl_lib.__all__))}"
+    )
