@@ -1,17 +1,21 @@
-"""Throughput of second-order MAML: mmtl_lib's two backends against a hand-written torch.func loop,
+"""Throughput of second-order MAML: mmtl_lib's three backends against a hand-written torch.func loop,
 learn2learn and higher, in one process, on the same data and the same initial weights.
 
 The workload is the MAML paper's Omniglot setting with random pixels: 5-way 1-shot episodes of
 28x28 one-channel images (5 support and 5 x 15 = 75 query images per task), the paper's Conv4
-(:class:`mmtl_lib.Conv4`, BatchNorm on batch statistics), inner learning rate 0.4 and one inner
-step. A meta-iteration is the whole training step: the support forward pass, the inner gradient
+(BatchNorm on batch statistics): :class:`mmtl_lib.Conv4` for the library, the same layers from
+``torch.nn`` with the same weights for the others (``--peer-model``), inner learning rate 0.4 and
+one inner step. A meta-iteration is the whole training step: the support forward pass, the inner gradient
 with a graph for second derivatives, the query loss, the backward pass to the initial weights and
 an Adam step.
 
 Before timing, every method's meta-gradient on one batch is compared with the plain torch.func
 loop's; then each method runs ``--warmup`` iterations, and ``--repeats`` rounds of ``--iters``
 timed iterations follow, the methods taking turns within each round so that a slow spell of a
-shared machine hits them all alike. The median round is reported.
+shared machine hits them all alike. The median round is reported. The first meta-iteration of
+each method is timed on its own: for the compile backend it holds the tracing and compilation
+(in a fresh Inductor cache unless ``--warm-compile-cache``), and the script prints after how many
+meta-iterations that pays for itself against the loop backend.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/throughput.py     # CPU: ~1.5 min of CPU time
     .venv/bin/python benchmarks/throughput.py --device cuda --json results/throughput-cuda.json
@@ -23,8 +27,11 @@ import argparse
 import contextlib
 import copy
 import io
+import math
+import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -67,6 +74,32 @@ def build_library(backend: str) -> Builder:
         return learner.meta_parameters(), learner.meta_backward
 
     return build
+
+
+def torch_conv4(model: ml.Conv4) -> nn.Module:
+    """The paper's Conv4 as one writes it with ``torch.nn`` (conv, ``BatchNorm2d`` on batch
+    statistics, ReLU, max-pool; NCHW), with ``model``'s parameters under the same names: what the
+    peers run. :class:`mmtl_lib.Conv4` computes the same function (``tests/test_tasks_models.py``)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            blocks = []
+            for block in list(model.body)[:4]:
+                conv = block[0]
+                blocks.append(nn.Sequential(
+                    nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1),
+                    nn.BatchNorm2d(conv.out_channels, track_running_stats=False), nn.ReLU(),
+                    nn.MaxPool2d(2) if any(isinstance(m, nn.MaxPool2d) for m in block) else nn.Identity()))
+            self.body = nn.Sequential(*blocks, nn.Flatten())
+            self.head = nn.Linear(model.head.in_features, model.head.out_features)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.body(x))
+
+    net = Net().to(next(model.parameters()).device)
+    net.load_state_dict(model.state_dict())
+    return net
 
 
 def build_torch_func(model, args):
@@ -150,11 +183,12 @@ METHODS: dict[str, tuple[str | None, Builder]] = {
     # name -> (optional module it needs, builder)
     "mmtl_lib loop": (None, build_library("loop")),
     "mmtl_lib vmap": (None, build_library("vmap")),
+    "mmtl_lib compile": (None, build_library("compile")),
     REFERENCE: (None, build_torch_func),
     "learn2learn": ("learn2learn", build_learn2learn),
     "higher": ("higher", build_higher),
 }
-SHORT_NAMES = {"loop": "mmtl_lib loop", "vmap": "mmtl_lib vmap", "func": REFERENCE,
+SHORT_NAMES = {"loop": "mmtl_lib loop", "vmap": "mmtl_lib vmap", "compile": "mmtl_lib compile", "func": REFERENCE,
                "learn2learn": "learn2learn", "l2l": "learn2learn", "higher": "higher"}
 
 
@@ -163,7 +197,8 @@ class Runner:
 
     def __init__(self, name: str, builder: Builder, initial: nn.Module, args):
         self.name = name
-        self.model = copy.deepcopy(initial)
+        library = name.startswith("mmtl_lib") or name == "first order"
+        self.model = copy.deepcopy(initial) if library or args.peer_model == "mmtl" else torch_conv4(initial)
         self.meta_parameters, self.meta_backward = builder(self.model, args)
         self.optimizer = torch.optim.Adam(self.meta_parameters, lr=args.outer_lr)
 
@@ -220,8 +255,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--n-query", type=int, default=15, help="query images per class (default: 15)")
     add("--inner-lr", type=float, default=0.4, help="inner SGD step size (default: 0.4)")
     add("--outer-lr", type=float, default=1e-3, help="Adam's learning rate (default: 1e-3)")
-    add("--methods", default="loop,vmap,func,learn2learn,higher",
-        help="comma-separated subset of loop, vmap, func, learn2learn, higher (default: all)")
+    add("--methods", default="loop,vmap,compile,func,learn2learn,higher",
+        help="comma-separated subset of loop, vmap, compile, func, learn2learn, higher (default: all)")
+    add("--peer-model", default="torch", choices=("torch", "mmtl"),
+        help="the network of func, learn2learn and higher: torch: the paper's Conv4 from torch.nn layers "
+             "(default); mmtl: mmtl_lib.Conv4, the library's layers")
+    add("--warm-compile-cache", action="store_true",
+        help="let the compile backend use Inductor's cache on disk (default: a fresh, empty one, so that the "
+             "compile time printed is what a first run costs)")
     add("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA (default: off)")
     add("--rtol", type=float, default=1e-3, help="gradient check: relative tolerance (default: 1e-3)")
     add("--atol", type=float, default=None,
@@ -229,6 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
              "where float32 cuDNN kernels sum in other orders: measured 2e-4 on an H200, while the float64 check "
              "on CUDA agreed to 2e-15)")
     add("--seed", type=int, default=0)
+    add("--glibc-defaults", action="store_true",
+        help="leave glibc's allocator settings alone (default: mmtl_lib.keep_freed_memory() for every method)")
     common.add_output_options(p)
     args = p.parse_args(argv)
 
@@ -255,9 +298,12 @@ def first_line(error: Exception) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if "mmtl_lib compile" in args.methods and not args.warm_compile_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmtl-inductor-")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     threads = ml.set_threads(args.threads)
+    freed = False if args.glibc_defaults else ml.keep_freed_memory()
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
@@ -267,7 +313,7 @@ def main(argv=None) -> dict:
     tasks = omniglot_shaped_batch(args.meta_batch_size, args.n_query, ml.generator(args.seed), device)
 
     print(f"device   {device.type}: {ml.processor(device)}")
-    print(f"torch    {torch.__version__}, {threads} thread(s)"
+    print(f"torch    {torch.__version__}, {threads} thread(s), keep_freed_memory {'on' if freed else 'off'}"
           + (f", CUDA {torch.version.cuda}, TF32 {'on' if args.tf32 else 'off'}" if cuda else ""))
     print(f"workload {N_WAY}-way {K_SHOT}-shot, {N_WAY * args.n_query} query images per task, Conv4 with "
           f"{args.filters} filters, meta-batch {args.meta_batch_size}, {args.inner_steps} inner step(s) at lr "
@@ -288,10 +334,14 @@ def main(argv=None) -> dict:
             print(f"skipped  {name}: {why}")
 
     # 1. The methods agree: same weights, same batch, same meta-gradient.
-    grads = {}
+    grads, first_s = {}, {}
     for name, runner in runners.items():
         try:
+            sync(device)
+            start = time.perf_counter()
             grads[name] = runner.meta_gradient(tasks)
+            sync(device)
+            first_s[name] = time.perf_counter() - start
         except Exception as error:
             skipped[name] = f"failed on the first batch: {first_line(error)}"
             print(f"skipped  {name}: {skipped[name]}")
@@ -359,17 +409,36 @@ def main(argv=None) -> dict:
     if not cuda:
         print("tasks/CPU-s: tasks per second of this process's CPU time (median round), steadier than\n"
               "tasks/s on a shared machine; CPU/wall below 100% x threads: the process waited for a core")
+    library = {n: r for n, r in rates.items() if n.startswith("mmtl_lib")}
+    if library:
+        best = max(library, key=library.get)
+        print(f"best library backend: {best}, {library[best] / rates[baseline]:.2f}x {baseline}'s tasks/s")
+    compile_report = None
+    if "mmtl_lib compile" in rates:
+        step_s = 1 / rates["mmtl_lib compile"]
+        overhead = first_s["mmtl_lib compile"] - step_s
+        saving = 1 / rates["mmtl_lib loop"] - step_s if "mmtl_lib loop" in rates else None
+        pays = None if saving is None or saving <= 0 else max(1, math.ceil(overhead / saving))
+        compile_report = {"first_iteration_s": first_s["mmtl_lib compile"], "compile_s": overhead,
+                          "break_even_iterations": pays,
+                          "inductor_cache": "warm" if args.warm_compile_cache else "fresh"}
+        print(f"compile: first meta-iteration {first_s['mmtl_lib compile']:.1f} s, of which ~{overhead:.1f} s tracing "
+              f"and compiling ({compile_report['inductor_cache']} Inductor cache); "
+              + ("it does not pay for itself: not faster than the loop backend" if pays is None else
+                 f"it pays for itself after {pays} meta-iterations against the loop backend"))
 
     report = {
         "device": device.type, "device_name": ml.processor(device), "torch": torch.__version__,
-        "python": sys.version.split()[0], "threads": threads, "tf32": args.tf32 if cuda else None,
+        "python": sys.version.split()[0], "threads": threads, "keep_freed_memory": freed,
+        "tf32": args.tf32 if cuda else None,
         "meta_batch_size": args.meta_batch_size, "inner_steps": args.inner_steps, "filters": args.filters,
         "n_way": N_WAY, "k_shot": K_SHOT, "n_query_per_class": args.n_query, "inner_lr": args.inner_lr,
         "outer_lr": args.outer_lr, "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup,
         "baseline": baseline, "peers": {m: _version(m) for m in ("learn2learn", "higher") if m in runners},
         "gradient_check": {"reference": reference_name, "rtol": args.rtol, "atol": args.atol, **check,
                            "first_order_contrast": contrast},
-        "skipped": skipped, "results": results,
+        "skipped": skipped, "results": results, "first_iteration_s": first_s, "compile": compile_report,
+        "peer_model": args.peer_model,
     }
     common.save_report(args.json, report)
     return report

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import checks
 from .learners import Learner
-from .objective import BACKENDS
+from .objective import EAGER_BACKENDS
 from .tasks import Sampler, TaskBatch
 
 Metric = Callable[[Tensor, Tensor], Tensor]
@@ -136,7 +136,7 @@ def evaluate(
         DataError: tasks holding NaN or infinite values (:meth:`~mmtl_lib.TaskBatch.check`).
     """
     counts = _step_counts(learner, inner_steps)
-    checks.one_of("backend", backend, ("auto", *BACKENDS))
+    checks.one_of("backend", backend, ("auto", *EAGER_BACKENDS))
     checks.optional_positive_int("chunk_size", chunk_size)
     metric = metric or learner.loss_fn
     if backend == "auto":

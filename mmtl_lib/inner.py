@@ -12,6 +12,8 @@ Reptile's Adam loop, the baselines' fine-tuning, the lookahead of learned task w
 
 from __future__ import annotations
 
+import functools
+import types
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
@@ -150,6 +152,7 @@ def inner_loop(
     inner_batch_size: int | None = None,
     generator: torch.Generator | None = None,
     step_buffers: Callable[[int], Mapping[str, Tensor]] | None = None,
+    recompute: bool = False,
 ) -> Iterator[Params]:
     """The parameters before and after each inner step: ``phi_0 = params, phi_1, ..., phi_k``.
 
@@ -184,6 +187,14 @@ def inner_loop(
             support set (``generator`` draws it; Reptile's mini-batches); ``None``: all of it.
         step_buffers: ``j -> buffers`` that override entries of ``buffers`` in step ``j``'s
             forward pass (MAML++'s per-step BatchNorm, :func:`mmtl_lib.models.step_buffers`).
+        recompute: gradient checkpointing of the inner steps, for second order: keep only each
+            step's inputs (``phi_j``, the optimizer's state) for the meta-gradient and recompute
+            the step (support forward pass and inner gradient) when the outer backward pass
+            reaches it. The same values and meta-gradient (to round-off: sums may add up in
+            another order); the memory the graph holds grows by one copy of the parameters per
+            step instead of by one step's graph (``benchmarks/memory.py``), for about one more
+            step's computation each. Not with ``first_order`` (nothing to recompute) or a model
+            with running BatchNorm statistics (the recomputation would update them twice).
 
     Yields:
         name -> tensor with the same keys as ``params``, ``inner_steps + 1`` times: each
@@ -217,36 +228,137 @@ def inner_loop(
     n = x.shape[0]
     inner_batch_size = checks.optional_positive_int("inner_batch_size", inner_batch_size)
     order = None if inner_batch_size is None else torch.randperm(n, generator=generator).to(x.device)
+    if not isinstance(recompute, bool):
+        raise checks.ConfigError(f"recompute = {recompute!r:.80} is not allowed: it must be True or False")
+    if recompute and first_order:
+        raise checks.ConfigError("recompute = True is not allowed with first_order = True: a first-order step "
+                                 "keeps no graph of its inner gradient, so there is nothing to recompute")
+    if recompute and any(getattr(m, "track_running_stats", False) for m in model.modules()):
+        raise checks.ConfigError("recompute = True is not allowed for a model with running BatchNorm statistics, "
+                                 "which recomputing a step would update a second time: use batch_norm='transductive'")
     if buffers is None:
         buffers = buffer_copies(model)
-    return _steps(model, dict(params), x, y, loss_fn, inner_steps, lrs, optimizer, first_order, names,
-                  dict(buffers), inner_grad_clip, order, inner_batch_size, step_buffers)
+    step = functools.partial(_update, model, loss_fn, optimizer, names, first_order, inner_grad_clip)
+    return _steps(step, dict(params), x, y, inner_steps, lrs, optimizer, names, dict(buffers), order,
+                  inner_batch_size, step_buffers, recompute)
 
 
-def _steps(model, fast, x, y, loss_fn, inner_steps, lrs, optimizer, first_order, names, buffers, clip,
-           order, batch, step_buffers) -> Iterator[Params]:
+def _update(model, loss_fn, optimizer, names, first_order, clip, inputs: dict) -> tuple[Params, dict]:
+    """One inner step's ``(updates, state)`` from ``inputs``: the parameters ``fast``, the optimizer's
+    ``state``, the rates ``lr``, the ``buffers`` and the support batch ``x``, ``y``."""
+    fast, xb, yb = inputs["fast"], inputs["x"], inputs["y"]
+    # First order: differentiate a detached copy, so no graph for second derivatives is built.
+    base = {n: t.detach() for n, t in fast.items()} if first_order else fast
+
+    def support_loss(adapted: Params, buffers: Params) -> Tensor:
+        return loss_fn(forward(model, {**base, **adapted}, xb, buffers), yb)
+
+    # Buffers are an argument, not a capture: BatchNorm may update its running statistics.
+    grads = torch.func.grad(support_loss)({n: base[n] for n in names}, inputs["buffers"])
+    if clip is not None:
+        grads = _clip(grads, clip)
+    return optimizer.update(grads, inputs["state"], inputs["lr"])
+
+
+def _steps(step, fast, x, y, inner_steps, lrs, optimizer, names, buffers, order, batch, step_buffers,
+           recompute) -> Iterator[Params]:
     yield fast
     state = optimizer.init({n: fast[n] for n in names})
-    for step in range(inner_steps):
+    for j in range(inner_steps):
         if order is None:
             xb, yb = x, y
         else:
-            idx = order[(step * batch + torch.arange(batch, device=order.device)) % len(order)]
+            idx = order[(j * batch + torch.arange(batch, device=order.device)) % len(order)]
             xb, yb = x[idx], y[idx]
-        # First order: differentiate a detached copy, so no graph for second derivatives is built.
-        base = {n: t.detach() for n, t in fast.items()} if first_order else fast
-
-        def support_loss(adapted: Params, buffers: Params, base=base, xb=xb, yb=yb) -> Tensor:
-            return loss_fn(forward(model, {**base, **adapted}, xb, buffers), yb)
-
-        # Buffers are an argument, not a capture: BatchNorm may update its running statistics.
-        step_bufs = buffers if step_buffers is None else {**buffers, **step_buffers(step)}
-        grads = torch.func.grad(support_loss)({n: base[n] for n in names}, step_bufs)
-        if clip is not None:
-            grads = _clip(grads, clip)
-        updates, state = optimizer.update(grads, state, lrs[step])
+        step_bufs = buffers if step_buffers is None else {**buffers, **step_buffers(j)}
+        inputs = {"fast": fast, "state": state, "lr": lrs[j], "buffers": step_bufs, "x": xb, "y": yb}
+        updates, state = _recomputed(step, inputs) if recompute else step(inputs)
         fast = {**fast, **{n: fast[n] + updates[n] for n in names}}
         yield fast
+
+
+# --- recomputed steps (gradient checkpointing) --------------------------------------------------
+# Why not torch.utils.checkpoint: its non-reentrant form works through saved-tensor hooks, which
+# torch.func.grad refuses ("don't yet support saved tensor hooks"), and its reentrant form
+# neither passes gradients to tensors the step captures nor works with torch.autograd.grad. So a
+# step is one autograd.Function whose inputs are every tensor it reads: it saves them, and its
+# backward recomputes the step under torch.func.vjp, which composes with vmap (the vmap backend).
+
+_TENSOR = object()
+
+
+def _tensors(tree) -> list[Tensor]:
+    """The tensors of nested dicts, lists and tuples, in order."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
+def _skeleton(tree):
+    """``tree`` with its tensors replaced by a marker (the rest, e.g. Adam's step count, kept)."""
+    if isinstance(tree, Tensor):
+        return _TENSOR
+    if isinstance(tree, Mapping):
+        return {k: _skeleton(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_skeleton(v) for v in tree)
+    return tree
+
+
+def _fill(skeleton, tensors: Iterator[Tensor]):
+    """The inverse of :func:`_skeleton`: the markers replaced by ``tensors``, in order."""
+    if skeleton is _TENSOR:
+        return next(tensors)
+    if isinstance(skeleton, Mapping):
+        return {k: _fill(v, tensors) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        return type(skeleton)(_fill(v, tensors) for v in skeleton)
+    return skeleton
+
+
+class _Recompute(torch.autograd.Function):
+    """``step(inputs)``, saving only the input tensors; backward runs ``step`` again."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(step, skeleton, out, *tensors):
+        outputs = step(_fill(skeleton, iter(tensors)))
+        out.skeleton = _skeleton(outputs)
+        return tuple(_tensors(outputs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.step, ctx.skeleton = inputs[0], inputs[1]
+        ctx.save_for_backward(*inputs[3:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[3:]) if need]
+        result = [None] * len(tensors)
+        if wanted:
+            def step(*primals):
+                given = list(tensors)
+                for i, p in zip(wanted, primals):
+                    given[i] = p
+                return tuple(_tensors(ctx.step(_fill(ctx.skeleton, iter(given)))))
+
+            _, vjp = torch.func.vjp(step, *(tensors[i] for i in wanted))
+            for i, g in zip(wanted, vjp(grads)):
+                result[i] = g
+        return (None, None, None, *result)
+
+
+def _recomputed(step, inputs: dict):
+    """``step(inputs)``, differentiable, holding for the backward pass only ``inputs``' tensors."""
+    out = types.SimpleNamespace()  # the outputs' structure; not a list, which vmap would copy
+    outputs = _Recompute.apply(step, _skeleton(inputs), out, *_tensors(inputs))
+    return _fill(out.skeleton, iter(outputs))
 
 
 def adapt(model: nn.Module, params: Mapping[str, Tensor], support: tuple[Tensor, Tensor], loss_fn: LossFn,

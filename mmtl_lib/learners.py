@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import checks
 from .inner import Adapted, LossFn, Params, adapt, buffer_copies, forward, inner_loop
 from .models import head_names, prototype_head, step_buffers
-from .objective import BACKENDS, _with, meta_loss, msl_weights, reptile_meta_gradient
+from .objective import BACKENDS, EAGER_BACKENDS, _with, meta_loss, msl_weights, reptile_meta_gradient
 from .optim import InnerOptimizer, sgd
 from .tasks import TaskBatch
 
@@ -186,6 +186,11 @@ class MAML(Learner):
       ``first_order_iterations=E``: derivative-order annealing, first order for the first
       ``E`` meta-iterations, second order after; per-step BatchNorm is the model's
       (``Conv4(..., bn_steps=inner_steps)``) and is used whenever the model has it.
+    * ``recompute_inner=True``: gradient checkpointing of the inner steps in second-order
+      training (``recompute`` of :func:`mmtl_lib.inner_loop`): the same meta-gradient, for less
+      memory with many inner steps and about one more step's computation each. Not with
+      ``first_order`` or ``backend="compile"``; with ``first_order_iterations`` it applies once
+      training turns second order.
 
     Args:
         inner_steps: inner steps in training; ``test_inner_steps`` defaults to the same.
@@ -222,6 +227,7 @@ class MAML(Learner):
         msl_iterations: int | None = None,
         first_order_iterations: int = 0,
         proto_head: bool = False,
+        recompute_inner: bool = False,
     ):
         self.inner_steps = checks.positive_int("inner_steps", inner_steps)
         super().__init__(
@@ -230,7 +236,22 @@ class MAML(Learner):
             inner_grad_clip=inner_grad_clip,
         )
         self.first_order = bool(first_order)
+        if not isinstance(recompute_inner, bool):
+            raise checks.ConfigError(f"recompute_inner = {recompute_inner!r:.80} is not allowed: it must be True or "
+                                     "False")
+        if recompute_inner and self.first_order:
+            raise checks.ConfigError("recompute_inner = True is not allowed with first_order = True: first-order MAML "
+                                     "keeps no graph of its inner gradients, so there is nothing to recompute")
+        if recompute_inner and not self.vmappable:
+            raise checks.ConfigError("recompute_inner = True is not allowed for a model with running BatchNorm "
+                                     "statistics, which recomputing a step would update a second time: use "
+                                     "batch_norm='transductive'")
+        self.recompute_inner = recompute_inner
         self.backend = checks.one_of("backend", backend, BACKENDS)
+        if recompute_inner and self.backend not in ("loop", "vmap"):
+            raise checks.ConfigError(f"recompute_inner = True is not allowed with backend = {backend!r}, which "
+                                     "computes each task's meta-gradient in one traced graph that stores nothing "
+                                     "between the passes: use backend='loop' or 'vmap'")
         self.chunk_size = checks.optional_positive_int("chunk_size", chunk_size)
         self.inner_lrs = self.step_lrs = None
         if learn_inner_lr and learn_step_lrs:
@@ -304,7 +325,8 @@ class MAML(Learner):
 
     def meta_backward(self, tasks: TaskBatch) -> tuple[Tensor, Tensor]:
         # The loop backend runs backward task by task, so only one task's graph is alive at a
-        # time: less memory, and ~6% faster on a CPU than one backward over the meta-batch.
+        # time: less memory, and ~6% faster on a CPU than one backward over the meta-batch. (The
+        # compile backend keeps no graph: each task's meta-gradient is computed in its forward.)
         weights = self.task_weights(tasks.check())
         losses, predictions = [], []
         first_order = self.first_order or self.meta_iteration < self.first_order_iterations
@@ -316,7 +338,7 @@ class MAML(Learner):
                 backend=self.backend, chunk_size=self.chunk_size, inner_steps=self.inner_steps,
                 inner_lr=self.inner_rates(), optimizer=self.inner_optimizer, first_order=first_order,
                 adapt_names=self.adapt_names, inner_grad_clip=self.inner_grad_clip,
-                step_buffers=step_buffers(self.model),
+                step_buffers=step_buffers(self.model), recompute=self.recompute_inner and not first_order,
             )
             (weights[start:stop] * loss).sum().backward()
             losses.append(loss.detach())
@@ -402,7 +424,7 @@ class Reptile(Learner):
                          test_inner_steps=inner_steps if test_inner_steps is None else test_inner_steps)
         self.inner_batch_size = checks.optional_positive_int("inner_batch_size", inner_batch_size)
         self.generator = generator
-        self.backend = checks.one_of("backend", backend, BACKENDS)
+        self.backend = checks.one_of("backend", backend, EAGER_BACKENDS)
         if self.backend == "vmap" and self.inner_batch_size is not None:
             raise checks.ConfigError(
                 f"inner_batch_size = {inner_batch_size} is not allowed with backend='vmap', which adapts on "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from . import checks
 from .inner import LossFn, Params
 from .learners import MAML
 from .models import FiLMMLP, SetEncoder
@@ -39,6 +40,9 @@ class MMAML(MAML):
 
     def __init__(self, model: FiLMMLP, encoder: SetEncoder, loss_fn: LossFn, *, inner_lr: float, inner_steps: int,
                  test_inner_steps: int | None = None, inner_grad_clip: float | None = None, backend: str = "vmap"):
+        if backend == "compile":
+            raise checks.ConfigError("backend='compile' is not allowed for MMAML: it treats task buffers as "
+                                     "constants, and the modulation is learned; use backend='loop' or 'vmap'")
         super().__init__(model, loss_fn, inner_lr=inner_lr, inner_steps=inner_steps,
                          test_inner_steps=test_inner_steps, inner_grad_clip=inner_grad_clip, backend=backend)
         self.encoder = encoder

@@ -3,8 +3,8 @@
 * :func:`meta_loss`, the MAML family's: adapt on each task's support set, score its query set,
   differentiably in ``theta``; one function for every learner that differentiates through the
   inner loop (MAML, first-order MAML, Meta-SGD, ANIL, TR-MAML, MMAML), with a per-task hook for
-  the inputs a family adds (MMAML's modulation) and two backends, a per-task ``"loop"`` and a
-  batched ``"vmap"``.
+  the inputs a family adds (MMAML's modulation) and three backends, a per-task ``"loop"``, a
+  batched ``"vmap"`` and a per-task ``"compile"``d meta-gradient (:mod:`mmtl_lib.compiled`).
 * :func:`reptile_meta_gradient`, Reptile's: the mean displacement of the adapted weights.
 """
 
@@ -15,11 +15,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import checks
+from . import checks, compiled
 from .inner import LossFn, Params, adapt, buffer_copies, forward, inner_loop
 from .tasks import TaskBatch
 
-BACKENDS = ("loop", "vmap")
+BACKENDS = ("loop", "vmap", "compile")
+"""The backends of :func:`meta_loss` (and so of :class:`mmtl_lib.MAML` and its family)."""
+
+EAGER_BACKENDS = ("loop", "vmap")
+"""The backends of the code that adapts without :func:`meta_loss` (Reptile, :func:`mmtl_lib.evaluate`)."""
 
 TaskBuffers = Callable[[tuple[Tensor, Tensor]], Params]
 """``task_buffers(support) -> buffers``: the buffers one task's model runs with, from its support set."""
@@ -86,12 +90,18 @@ def meta_loss(
             query loss after every step, weighted. Steps with weight 0 are not scored at all, so
             ``(0, ..., 0, 1)`` computes exactly what ``None`` (the last step only) does.
         backend: ``"loop"`` adapts one task after another; ``"vmap"`` vectorises over tasks with
-            :func:`torch.func.vmap`, ``chunk_size`` tasks at a time (``None``: all at once).
-            Both give the same values and gradients. ``"vmap"`` needs a model without running
-            BatchNorm statistics (``batch_norm="transductive"`` is fine).
+            :func:`torch.func.vmap`, ``chunk_size`` tasks at a time (``None``: all at once);
+            ``"compile"`` computes each task's meta-gradient with one graph compiled by
+            :func:`torch.compile` (:mod:`mmtl_lib.compiled`: compiled once per task shape, which
+            takes minutes on a CPU; where compilation fails, a warning and the same computation
+            run eagerly). All give the same values and gradients. ``"vmap"`` needs a model without
+            running BatchNorm statistics (``batch_norm="transductive"`` is fine). ``"compile"``'s
+            losses can be differentiated once (not twice), its predictions not at all, and its
+            ``task_buffers`` must not require grad (not MMAML); it refuses ``inner_batch_size``.
         inner: the keyword arguments of :func:`mmtl_lib.inner_loop` (``inner_steps``,
             ``inner_lr``, ``optimizer``, ``first_order``, ``adapt_names``, ``inner_grad_clip``,
-            ``step_buffers``; the query at ``phi_j`` is scored with ``step_buffers(j - 1)``).
+            ``step_buffers``, ``recompute``; the query at ``phi_j`` is scored with
+            ``step_buffers(j - 1)``).
 
     Returns:
         ``(losses, predictions)``: ``losses`` ``[meta_batch_size]``, differentiable w.r.t.
@@ -112,22 +122,47 @@ def meta_loss(
             raise checks.ConfigError(f"step_weights has {len(step_weights)} entries, but inner_steps = {steps}: "
                                      "give one weight per inner step")
 
-    def task_loss(params, sx, sy, qx, qy):
-        buffers = shared if task_buffers is None else task_buffers((sx, sy))
+    skip = None if step_weights is None else [w == 0 for w in step_weights]
+
+    def query_loss(params, inner_lr, weights, support, query, buffers):
+        """One task's (weighted) query loss after adaptation, and its last prediction."""
+        (sx, sy), (qx, qy) = support, query
         start = params if task_params is None else task_params(params, (sx, sy), buffers)
-        if step_weights is None:
-            adapted = adapt(model, start, (sx, sy), loss_fn, buffers=buffers, **inner)
+        settings = {**inner, "inner_lr": inner_lr}
+        if weights is None:
+            adapted = adapt(model, start, (sx, sy), loss_fn, buffers=buffers, **settings)
             prediction = forward(model, adapted, qx, _with(buffers, step_buffers, (steps or 0) - 1))
             return loss_fn(prediction, qy), prediction
         loss = 0.0
-        for j, phi in enumerate(inner_loop(model, start, (sx, sy), loss_fn, buffers=buffers, **inner)):
-            if j == 0 or (step_weights[j - 1] == 0 and j < steps):
+        for j, phi in enumerate(inner_loop(model, start, (sx, sy), loss_fn, buffers=buffers, **settings)):
+            if j == 0 or (skip[j - 1] and j < steps):
                 continue
             prediction = forward(model, phi, qx, _with(buffers, step_buffers, j - 1))
-            loss = loss + step_weights[j - 1] * loss_fn(prediction, qy)
+            loss = loss + weights[j - 1] * loss_fn(prediction, qy)
         return loss, prediction
 
+    def task_loss(params, sx, sy, qx, qy):
+        buffers = shared if task_buffers is None else task_buffers((sx, sy))
+        return query_loss(params, inner.get("inner_lr"), step_weights, (sx, sy), (qx, qy), buffers)
+
     (sx, sy), (qx, qy) = tasks.support, tasks.query
+    if backend == "compile":
+        if inner.get("inner_batch_size") is not None:
+            raise checks.ConfigError("inner_batch_size is not allowed with backend='compile', which adapts on the "
+                                     "whole support set: use backend='loop'")
+        if inner.get("recompute"):
+            raise checks.ConfigError("recompute = True is not allowed with backend='compile', whose traced graph "
+                                     "stores nothing between the passes: use backend='loop' or 'vmap'")
+        per_step = None if step_buffers is None else tuple(
+            tuple((k, v.tolist()) for k, v in sorted(step_buffers(j).items())) for j in range(-1, steps or 0))
+        # What the traced graph bakes in, and so tells graphs apart (the model is the cache's key;
+        # Proto-MAML's hook by its function, which depends only on the model).
+        static = (loss_fn, getattr(task_params, "__func__", task_params), per_step, tuple(
+            (k, tuple(v) if k == "adapt_names" and v is not None else v) for k, v in sorted(inner.items())
+            if k not in ("inner_lr", "step_buffers")))
+        return compiled.meta_loss(query_loss, model, dict(params), tasks,
+                                  (lambda support: shared) if task_buffers is None else task_buffers, static,
+                                  inner_lr=inner.get("inner_lr"), step_weights=step_weights)
     if backend == "loop":
         results = [task_loss(params, *t) for t in zip(sx, sy, qx, qy)]
         return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])

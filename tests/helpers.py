@@ -21,3 +21,8 @@ def conv4(n_way=3, **kw):
     """A narrow Conv4 on 14x14 images, initialised from seed 0."""
     torch.manual_seed(0)
     return ml.Conv4(n_way, filters=4, image_size=14, **kw)
+
+
+def double(tasks):
+    """``tasks`` with float64 inputs (labels unchanged)."""
+    return ml.TaskBatch((tasks.support[0].double(), tasks.support[1]), (tasks.query[0].double(), tasks.query[1]))

@@ -132,20 +132,25 @@ def test_mtl_synthetic_benchmark_smoke(bench, tmp_path, capsys):
     assert "Predicting 0 scores" in capsys.readouterr().out
 
 
-def test_throughput_benchmark_smoke(bench, capsys):
+def test_throughput_benchmark_smoke(bench, capsys, monkeypatch):
+    monkeypatch.setattr(ml.compiled, "COMPILER", None)  # the compile backend's graph, traced but not compiled
     report = bench("throughput").main(["--device", "cpu", "--iters", "1", "--repeats", "1", "--warmup", "0",
-                                       "--filters", "4", "--n-query", "1", "--meta-batch-size", "2"])
+                                       "--filters", "4", "--n-query", "1", "--meta-batch-size", "2",
+                                       "--warm-compile-cache"])
     check = report["gradient_check"]
     assert check["reference"] == "torch.func loop"
     assert check["mmtl_lib loop"]["allclose"]
     # vmap sums the batched convolutions in another order: close in norm, not always entrywise
     assert check["mmtl_lib vmap"]["rel_norm_diff"] < 1e-4
+    assert check["mmtl_lib compile"]["allclose"]
     assert not check["first_order_contrast"]["allclose"]
-    ran = {"mmtl_lib loop", "mmtl_lib vmap", "torch.func loop"} | set(report["peers"])
+    ran = {"mmtl_lib loop", "mmtl_lib vmap", "mmtl_lib compile", "torch.func loop"} | set(report["peers"])
     assert set(report["results"]) == ran and set(report["skipped"]) == {"learn2learn", "higher"} - ran
     assert all(r["meta_iterations_per_s"] > 0 for r in report["results"].values())
-    assert report["inner_steps"] == 1
-    assert "meta-gradient check" in capsys.readouterr().out
+    assert report["inner_steps"] == 1 and report["peer_model"] == "torch"
+    assert report["compile"]["first_iteration_s"] > 0 and report["compile"]["inductor_cache"] == "warm"
+    out = capsys.readouterr().out
+    assert "meta-gradient check" in out and "compile: first meta-iteration" in out
 
 
 @needs_omniglot

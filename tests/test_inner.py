@@ -8,6 +8,7 @@ fails here.
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import mmtl_lib as ml
@@ -97,6 +98,36 @@ def test_meta_gradient_matches_central_finite_differences(inner_steps):
     numeric = finite_differences(lambda q: meta_objective(model, q, tasks, inner_steps), params)
     for (name, _), g in zip(params.items(), grads):
         assert torch.allclose(g, numeric[name], rtol=1e-6, atol=1e-8), name
+
+
+@pytest.mark.parametrize("backend, kernel", [("loop", "fused"), ("vmap", "elementary"), ("compile", "elementary")])
+def test_each_backends_batch_norm_kernel_gives_the_finite_difference_meta_gradient(backend, kernel, monkeypatch):
+    # Conv4's BatchNorm runs the fused F.batch_norm in the eager loop and the elementary-op formula
+    # under vmap and in the compile backend's graph (models.BatchNorm): the second-order
+    # meta-gradient through each matches float64 central differences, entry by entry (the conv
+    # biases' is 0: BatchNorm cancels them). The compile backend's graph is compiled by Inductor
+    # (a minute on a busy 2-core CPU the first time, then from Inductor's cache).
+    calls = []
+    elementary, fused = ml.models.batch_norm_formula, torch.nn.functional.batch_norm
+    monkeypatch.setattr(ml.models, "batch_norm_formula", lambda *a: calls.append("elementary") or elementary(*a))
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", lambda *a, **k: calls.append("fused") or fused(*a, **k))
+    torch.manual_seed(0)
+    model = ml.Conv4(2, filters=2, image_size=8).double()
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(2).repeat(2).expand(2, -1)
+    tasks = ml.TaskBatch((torch.rand(2, 4, 1, 8, 8, generator=g, dtype=torch.float64), labels),
+                         (torch.rand(2, 4, 1, 8, 8, generator=g, dtype=torch.float64), labels))
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+
+    def objective(p, backend="loop"):
+        losses, _ = ml.meta_loss(model, p, tasks, F.cross_entropy, inner_steps=1, inner_lr=0.5, backend=backend)
+        return losses.mean()
+
+    grads = torch.autograd.grad(objective(params, backend), list(params.values()))
+    assert set(calls) == {kernel}
+    numeric = finite_differences(objective, params)
+    for (name, _), got in zip(params.items(), grads):
+        assert torch.allclose(got, numeric[name], rtol=1e-5, atol=1e-8), name
 
 
 def test_finite_differences_tell_first_order_apart():

@@ -99,6 +99,76 @@ def test_library_batch_norm_equals_torch_batch_norm_in_value_and_gradient():
     assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb))
 
 
+@pytest.mark.parametrize("steps", [None, 3])
+def test_batch_norms_fused_and_elementary_kernels_compute_the_same_function(steps, monkeypatch):
+    torch.manual_seed(0)
+    bn = ml.models.BatchNorm(3, steps=steps).double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    results = []
+    for vmapped in (False, True):  # the kernel BatchNorm picks under torch.func.vmap
+        monkeypatch.setattr(ml.models, "under_vmap", lambda vmapped=vmapped: vmapped)
+        y = bn(x)
+        results.append((y, torch.autograd.grad((y ** 3).sum(), [x, bn.weight, bn.bias], create_graph=True)))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert all(torch.allclose(u, v, rtol=1e-10, atol=1e-12) for u, v in zip(ga, gb))
+    # and their second derivatives too: what MAML's meta-gradient differentiates
+    second = [torch.autograd.grad(sum((g * g).sum() for g in grads), [x, bn.weight]) for _, grads in results]
+    assert all(torch.allclose(u, v, rtol=1e-9, atol=1e-11) for u, v in zip(*second))
+
+
+def test_under_vmap_sees_vmap_at_any_depth_of_transforms():
+    seen = []
+
+    def probe(x):
+        seen.append(ml.models.under_vmap())
+        return (x * x).sum()
+
+    probe(torch.ones(2))
+    torch.func.grad(probe)(torch.ones(2))
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.func.vmap(torch.func.grad(probe))(torch.ones(3, 2))
+    assert seen == [False, False, True, True]
+
+
+def papers_conv4(model: ml.Conv4) -> torch.nn.Module:
+    """Conv4 from torch.nn layers in the paper's order (conv, BatchNorm, ReLU, pool), with ``model``'s weights."""
+    def block(conv, bn, pool):
+        layers = [torch.nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1),
+                  torch.nn.BatchNorm2d(conv.out_channels, track_running_stats=False), torch.nn.ReLU(),
+                  torch.nn.MaxPool2d(2) if isinstance(pool, torch.nn.MaxPool2d) else torch.nn.Identity()]
+        return torch.nn.Sequential(*layers)
+
+    blocks = [block(b[0], b[1], b[2]) for b in list(model.body)[:4]]
+    net = torch.nn.Module()
+    net.body = torch.nn.Sequential(*blocks, torch.nn.Flatten())
+    net.head = torch.nn.Linear(model.head.in_features, model.head.out_features)
+    net.forward = lambda x: net.head(net.body(x))
+    net.load_state_dict(model.state_dict())
+    return net.to(next(model.parameters()).dtype)
+
+
+def test_conv4_computes_the_papers_layer_order_on_channels_last_activations():
+    # Conv4 pools before its ReLU and runs on channels-last activations on a CPU: the same
+    # function, values and gradients, as the paper's layers in NCHW.
+    torch.manual_seed(0)
+    model = ml.Conv4(5, filters=8).double()
+    reference = papers_conv4(model)
+    x = torch.rand(6, 1, 28, 28, dtype=torch.float64)
+    y = torch.arange(5).repeat(2)[:6]
+    activations = []
+    model.body[0][0].register_forward_hook(lambda m, i, o: activations.append(o))
+    got, want = model(x), reference(x)
+    assert activations[0].is_contiguous(memory_format=torch.channels_last) and not activations[0].is_contiguous()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad(torch.nn.functional.cross_entropy(got, y), list(model.parameters()))
+    g_want = torch.autograd.grad(torch.nn.functional.cross_entropy(want, y), list(reference.parameters()))
+    assert all(torch.allclose(a, b, rtol=1e-9, atol=1e-12) for a, b in zip(g_got, g_want))
+
+
 def test_processor_names_the_cpu_model_from_proc_cpuinfo(monkeypatch):
     import builtins
     import io
