@@ -27,7 +27,8 @@ whole public surface (``ARCHITECTURE.md`` says which module owns what):
 * evaluation: :func:`evaluate`, :class:`Evaluation`, :func:`accuracy`, :func:`gaussian_ci95`,
   :func:`binned_means`;
 * training and experiments: :class:`Trainer`, :func:`load_checkpoint`, :class:`Config`,
-  :func:`preset`, :func:`build_learner`, :func:`build_trainer`, :func:`samplers`;
+  :func:`preset`, :func:`build_learner`, :func:`build_trainer`, :func:`samplers`; several processes
+  with ``torchrun``: :class:`World` (:mod:`mmtl_lib.distributed`);
 * errors: :class:`ConfigError`, :class:`DataError`, :class:`NonFiniteLossError`,
   :class:`OmniglotNotFoundError`;
 * the machine: :func:`set_threads`, :func:`default_device`, :func:`generator`,
@@ -40,6 +41,7 @@ diagrams in :mod:`mmtl_lib.diagrams`.
 from .baselines import JointTraining, PretrainClassifier, Scratch
 from .config import Config, build_learner, build_trainer, preset, samplers
 from .data import EpisodeSampler, OmniglotNotFoundError, load_omniglot, omniglot_split, omniglot_tasks
+from .distributed import World
 from .errors import ConfigError, DataError
 from .evaluation import Evaluation, accuracy, binned_means, evaluate, gaussian_ci95
 from .inner import Adapted, adapt, forward, inner_loop
@@ -73,7 +75,7 @@ __all__ = [
     "omniglot_tasks", "EpisodeSampler", "load_omniglot", "omniglot_split",
     "MLP", "Conv4", "FiLMMLP", "SetEncoder", "head_names", "prototype_head", "step_buffers",
     "evaluate", "Evaluation", "accuracy", "gaussian_ci95", "binned_means",
-    "Trainer", "load_checkpoint", "Config", "preset", "build_learner", "build_trainer", "samplers",
+    "Trainer", "load_checkpoint", "Config", "preset", "build_learner", "build_trainer", "samplers", "World",
     "ConfigError", "DataError", "NonFiniteLossError", "OmniglotNotFoundError",
     "set_threads", "default_device", "generator", "keep_freed_memory", "processor", "machine",
 ]

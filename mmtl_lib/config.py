@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from . import checks
 from .baselines import JointTraining, PretrainClassifier
 from .data import DRAWERS, ROTATIONS, SPLITS, EpisodeSampler, omniglot_tasks
+from .distributed import World
 from .errors import ConfigError, DataError
 from .evaluation import accuracy
 from .learners import MAML, Learner, Reptile
@@ -47,6 +48,7 @@ USED_BY = {
     "inner_grad_clip": MAML_FAMILY,
     "backend": MAML_FAMILY,
     "chunk_size": MAML_FAMILY,
+    "recompute_inner": tuple(a for a in MAML_FAMILY if a != "fomaml"),
 }
 """Keys that only some algorithms read: an override of one of them for another is refused."""
 
@@ -93,6 +95,7 @@ class Config:
     outer_grad_clip: float | None = None
     backend: str = "vmap"
     chunk_size: int | None = None
+    recompute_inner: bool = False
     val_every: int = 1000
     val_tasks: int = 200
     test_tasks: int = 600
@@ -128,7 +131,7 @@ class Config:
             raise ConfigError(f"final_lr_fraction = {self.final_lr_fraction!r} is not allowed: it must lie in [0, 1]")
         if not _is_int(self.seed) or self.seed < 0:
             raise ConfigError(f"seed = {self.seed!r} is not allowed: it must be an integer >= 0")
-        for key in ("amp", "tf32"):
+        for key in ("amp", "tf32", "recompute_inner"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} = {getattr(self, key)!r} is not allowed: it must be True or False")
         if self.algorithm == "protomaml" and self.task != "omniglot":
@@ -178,6 +181,8 @@ class Config:
                 out.append(f"{key} (used by the omniglot task, not {self.task})")
             elif key == "chunk_size" and self.backend != "vmap":
                 out.append("chunk_size (used by backend='vmap', not 'loop')")
+            elif key == "recompute_inner" and self.backend not in ("loop", "vmap"):
+                out.append(f"recompute_inner (used by backend='loop' and 'vmap', not {self.backend!r})")
         return out
 
     def describe(self) -> str:
@@ -325,6 +330,7 @@ def build_learner(config: Config, device, n_classes: int | None = None) -> Learn
         adapt_names=head_names(model) if config.algorithm == "anil" else None,
         inner_optimizer=adam() if config.inner_optimizer == "adam" else sgd(),
         inner_grad_clip=config.inner_grad_clip, backend=config.backend, chunk_size=config.chunk_size,
+        recompute_inner=config.recompute_inner,
         proto_head=config.algorithm == "protomaml", **(_maml_plus_plus(config) if config.algorithm == "maml++" else {}),
     )
 
@@ -336,18 +342,34 @@ def _maml_plus_plus(config: Config) -> dict:
                 first_order_iterations=config.iterations * 8 // 15)
 
 
-def build_trainer(config: Config, learner: Learner, samplers: dict, *, validate: bool = True) -> Trainer:
+def check_world(config: Config, world: World) -> None:
+    """Refuse, before any data is read, a configuration that ``world``'s processes cannot share:
+    a meta-batch that does not split evenly over them, or an algorithm whose meta-gradient does
+    not split (:func:`mmtl_lib.distributed.check_learner`, which the trainer applies to the
+    learner itself)."""
+    if not world.distributed:
+        return
+    world.check_meta_batch_size(config.meta_batch_size)
+    if config.algorithm == "pretrain" and config.task == "omniglot":
+        raise ConfigError(f"algorithm = 'pretrain' is not allowed with {world.world_size} processes on task = "
+                          "'omniglot': it trains on the pooled images of the meta-batch through BatchNorm, whose "
+                          "statistics would be those of a rank's share; train it in one process")
+
+
+def build_trainer(config: Config, learner: Learner, samplers: dict, *, validate: bool = True,
+                  world: World | None = None) -> Trainer:
     """The :class:`~mmtl_lib.Trainer` that runs ``config``'s outer loop (optimizer, learning-rate
     schedule, validation, AMP/TF32) on ``learner`` with tasks from ``samplers["train"]``.
 
     ``validate=False`` skips periodic validation, for runs that are scored only at the end.
+    ``world``: the processes that share each meta-iteration (:mod:`mmtl_lib.distributed`).
     """
     return Trainer(
         learner, samplers["train"], meta_batch_size=config.meta_batch_size, outer_lr=config.outer_lr,
         optimizer=config.outer_optimizer, schedule=config.schedule, final_lr_fraction=config.final_lr_fraction,
         val_sampler=samplers["val"] if validate else None, val_every=config.val_every, val_tasks=config.val_tasks,
         metric=config.metric(), seed=config.seed, amp=config.amp, tf32=config.tf32,
-        outer_grad_clip=config.outer_grad_clip,
+        outer_grad_clip=config.outer_grad_clip, world=world,
     )
 
 

@@ -6,7 +6,9 @@ tasks, a JSON-friendly history, checkpoints that resume to the identical continu
 optimizer, task generator and the history's open window), written periodically and atomically so
 that a crash loses at most the last few minutes, a clear stop on a non-finite loss or an
 out-of-memory meta-batch that keeps the last good state, and optional TF32/AMP on CUDA scoped to
-the training step.
+the training step. Given a :class:`~mmtl_lib.distributed.World` of several processes, each
+meta-iteration's tasks are split across them and the meta-gradient all-reduced, to the single
+process's result (:mod:`mmtl_lib.distributed`); rank 0 alone validates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import checks
+from .distributed import World, check_learner
 from .errors import ConfigError, DataError
 from .evaluation import Metric, evaluate, per_task
 from .learners import Learner
@@ -55,6 +58,14 @@ class Trainer:
         amp: bfloat16 autocast on CUDA; tf32: allow TF32 matrix products on CUDA, in the training
             step only (:func:`mmtl_lib.runtime.precision`).
         outer_grad_clip: if set, clip the meta-gradient to this global norm before each step.
+        world: the processes that share each meta-iteration (default: this one alone), already
+            running (:meth:`World.running <mmtl_lib.distributed.World.running>`). Every rank
+            draws the whole meta-batch from ``seed`` and computes its share of the tasks; the
+            meta-gradient (clipped after the all-reduce) and the logged losses are the whole
+            meta-batch's, so the parameters equal a single process's up to rounding. Rank 0 alone
+            validates and writes checkpoints. ``meta_batch_size`` must be a multiple of
+            ``world.world_size``, and the learner one that splits
+            (:func:`~mmtl_lib.distributed.check_learner`).
     """
 
     def __init__(
@@ -75,6 +86,7 @@ class Trainer:
         amp: bool = False,
         tf32: bool = False,
         outer_grad_clip: float | None = None,
+        world: World | None = None,
     ):
         if not isinstance(learner, Learner):
             raise ConfigError(f"learner = {type(learner).__name__} is not allowed: it must be a mmtl_lib.Learner")
@@ -95,6 +107,12 @@ class Trainer:
         params = learner.meta_parameters()
         if not params:
             raise ConfigError(f"{type(learner).__name__} has no meta-parameters to train")
+        if world is not None and not isinstance(world, World):
+            raise ConfigError(f"world = {type(world).__name__} is not allowed: it must be a mmtl_lib.distributed.World")
+        self.world = World() if world is None else world
+        self.world.check_meta_batch_size(self.meta_batch_size)
+        check_learner(learner, self.world.world_size)
+        self.world.require_started()
         checks.one_of("optimizer", optimizer, OPTIMIZERS)
         self.optimizer = (torch.optim.Adam if optimizer == "adam" else torch.optim.SGD)(params, lr=self.outer_lr)
         self.generator = torch.Generator().manual_seed(checks.non_negative_int("seed", seed))
@@ -134,6 +152,10 @@ class Trainer:
         counted = getattr(self.learner, "meta_iteration", None)
         try:
             tasks, losses, predictions = self._meta_backward()
+            metrics = (per_task(self.metric, predictions, tasks.query[1])
+                       if self.metric is not None and predictions.numel() else None)
+            # With several processes: the whole meta-batch's meta-gradient, losses and metrics.
+            losses, metrics = self.world.combine(self.learner.meta_parameters(), losses, metrics)
             loss = losses.mean().item()
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
@@ -141,8 +163,8 @@ class Trainer:
                     "inner_grad_clip (the inner loop's) or outer_grad_clip (the meta-gradient's)"
                 )
             record = {"iteration": self.iteration + 1, "loss": loss}
-            if self.metric is not None and predictions.numel():
-                record["metric"] = per_task(self.metric, predictions, tasks.query[1]).mean().item()
+            if metrics is not None:
+                record["metric"] = metrics.mean().item()
         except (ConfigError, DataError):
             self.generator.set_state(drawn_from)
             if counted is not None:
@@ -155,15 +177,21 @@ class Trainer:
         return record
 
     def _meta_backward(self) -> tuple[TaskBatch, Tensor, Tensor]:
-        """Draw the tasks and fill the meta-gradient; running out of memory doing so is the
-        meta-batch's size, a setting the user can lower (ConfigError), not a bug."""
+        """Draw the tasks and fill the meta-gradient of this process's share of them (all of them
+        in one process); running out of memory doing so is the meta-batch's size, a setting the
+        user can lower (ConfigError), not a bug."""
         try:
             tasks = self.sampler.sample(self.meta_batch_size, generator=self.generator)
+            start, stop = self.world.share(tasks.n_tasks)
+            mine = tasks if (start, stop) == (0, tasks.n_tasks) else tasks.slice(start, stop)
             self.optimizer.zero_grad(set_to_none=True)
             device_type = tasks.query[0].device.type
+            self.world.skip_tasks(self.learner, tasks, 0, start)
             with precision(self.tf32), torch.autocast(device_type, dtype=torch.bfloat16,
                                                       enabled=self.amp and device_type == "cuda"):
-                return tasks, *self.learner.meta_backward(tasks)
+                losses, predictions = self.learner.meta_backward(mine)
+            self.world.skip_tasks(self.learner, tasks, stop, tasks.n_tasks)
+            return mine, losses, predictions
         except RuntimeError as error:
             # torch.OutOfMemoryError (CUDA) is a RuntimeError; the CPU allocator's is a plain one
             # that says so only in its message.
@@ -197,7 +225,7 @@ class Trainer:
     ) -> list[dict]:
         """Train until ``iterations`` (counted from 0, so a resumed run continues) or until
         ``time_budget`` seconds of training have passed (time spent validating is not
-        counted); returns the history.
+        counted; with several processes, the slowest rank's seconds); returns the history.
 
         The history keeps one record every ``log_every`` iterations (the mean of the records
         in between) and one per validation.
@@ -207,7 +235,8 @@ class Trainer:
         save, and at the end; ``checkpoint_extra`` (plain data, e.g. the configuration) rides
         along in each. If :meth:`step` stops with a ConfigError or DataError (e.g.
         :class:`NonFiniteLossError`), the last good state is saved there before the error goes
-        on, its message saying so.
+        on, its message saying so. With several processes rank 0 alone validates, shows progress
+        and writes.
         """
         self.iterations = checks.positive_int("iterations", iterations)
         self._time_budget = checks.optional_positive_float("time_budget", time_budget)
@@ -217,7 +246,9 @@ class Trainer:
         extra = dict(checkpoint_extra or {})
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=iterations, initial=self.iteration, disable=not progress, mininterval=5, desc="meta-train")
+        main = self.world.is_main
+        bar = tqdm(total=iterations, initial=self.iteration, disable=not (progress and main), mininterval=5,
+                   desc="meta-train")
         saved_at = time.monotonic()
         while not self._finished():
             start = time.perf_counter()
@@ -225,18 +256,20 @@ class Trainer:
                 self._window.append(self.step())
             except (ConfigError, DataError) as error:
                 if checkpoint is not None:
-                    self.save(checkpoint, **extra)
+                    self.save(checkpoint, **extra)  # rank 0's; the error is every rank's
                     error.args = (f"{error}; the last good state (iteration {self.iteration}) is saved in "
                                   f"{checkpoint}",)
                 raise
             self.elapsed += time.perf_counter() - start  # training time only: validation is extra
+            if self._time_budget is not None:  # every rank must stop, and anneal, alike
+                self.elapsed = self.world.max(self.elapsed)
             bar.update(1)
             done = self._finished()
             window = self._window
             if len(window) >= log_every or done:
                 record = {k: sum(r[k] for r in window) / len(window) for k in window[-1]}
                 record.update(iteration=self.iteration, seconds=round(self.elapsed, 2))
-                if self.val_sampler is not None and (self.iteration % self.val_every < len(window) or done):
+                if self.val_sampler is not None and main and (self.iteration % self.val_every < len(window) or done):
                     record.update(self.validate())
                 self.history.append(record)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("loss", "metric", "val_metric")})
@@ -272,8 +305,11 @@ class Trainer:
         config) rides along.
 
         Each file is written atomically (:func:`write_atomically`): a crash at any moment leaves
-        the previous checkpoint or the new one, never a torn file.
+        the previous checkpoint or the new one, never a torn file. With several processes only
+        rank 0 writes (the ranks hold the same state).
         """
+        if not self.world.is_main:
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()

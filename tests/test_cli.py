@@ -97,8 +97,8 @@ def test_command_line_trains_and_evaluates_the_sinusoid(tmp_path, capsys):
     assert main(argv) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["iterations"] == 20 and trained["tasks"] == 20 and trained["inner_steps"] == 10
-    assert json.loads((out / "config.json").read_text()) == ml.preset("sinusoid", iterations=20, val_every=10,
-                                                                      val_tasks=10, test_tasks=20).to_dict()
+    assert json.loads((out / "config.json").read_text()) == {
+        **ml.preset("sinusoid", iterations=20, val_every=10, val_tasks=10, test_tasks=20).to_dict(), "world_size": 1}
     assert json.loads((out / "result.json").read_text()) == trained
     assert main(["evaluate", str(out / "checkpoint.pt"), "--tasks", "30", "--seed", "3"]) == 0
     result = json.loads(capsys.readouterr().out)
