@@ -213,18 +213,18 @@ class Runner:
         self.optimizer.step()
 
 
-def compare(grads: dict[str, Tensor], reference: dict[str, Tensor], rtol: float, atol: float) -> dict:
-    """Largest entrywise difference, relative norm of the difference, and an allclose verdict.
+def compare(grads: dict[str, Tensor], reference: dict[str, Tensor], rtol: float) -> dict:
+    """Largest entrywise difference, relative norm of the difference, and the verdict
+    ``||g - ref|| <= rtol ||ref||``.
 
-    ``atol`` is relative to the largest reference entry: the conv biases before BatchNorm have
-    meta-gradients that are zero up to rounding, where only an absolute tolerance makes sense.
+    In norm, not entry by entry: in float32, kernels that sum in other orders (channels-last
+    against NCHW, cuDNN's algorithms, the conv biases' meta-gradients, which BatchNorm makes zero up
+    to rounding) differ by ~1e-5 of the norm but by more on the smallest entries.
     """
-    scale = max(r.abs().max().item() for r in reference.values())
     diff = torch.cat([(grads[n] - r).flatten() for n, r in reference.items()])
     norm = torch.cat([r.flatten() for r in reference.values()]).norm().item()
-    ok = all(torch.allclose(grads[n], r, rtol=rtol, atol=atol * scale) for n, r in reference.items())
-    return {"max_abs_diff": diff.abs().max().item(), "rel_norm_diff": diff.norm().item() / norm,
-            "allclose": ok}
+    rel = diff.norm().item() / norm
+    return {"max_abs_diff": diff.abs().max().item(), "rel_norm_diff": rel, "allclose": rel <= rtol}
 
 
 def sync(device: torch.device) -> None:
@@ -264,11 +264,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="let the compile backend use Inductor's cache on disk (default: a fresh, empty one, so that the "
              "compile time printed is what a first run costs)")
     add("--tf32", action="store_true", help="allow TF32 matmuls and convolutions on CUDA (default: off)")
-    add("--rtol", type=float, default=1e-3, help="gradient check: relative tolerance (default: 1e-3)")
-    add("--atol", type=float, default=None,
-        help="gradient check: absolute tolerance, times the largest entry (default: 1e-5 on CPU, 1e-3 on CUDA, "
-             "where float32 cuDNN kernels sum in other orders: measured 2e-4 on an H200, while the float64 check "
-             "on CUDA agreed to 2e-15)")
+    add("--rtol", type=float, default=1e-3,
+        help="gradient check: largest allowed ||g - ref|| / ||ref|| (default: 1e-3; float32 cuDNN kernels on an "
+             "H200 differed by 2e-4, while the float64 check on CUDA agreed to 2e-15)")
     add("--seed", type=int, default=0)
     add("--glibc-defaults", action="store_true",
         help="leave glibc's allocator settings alone (default: mmtl_lib.keep_freed_memory() for every method)")
@@ -283,7 +281,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.meta_batch_size = args.meta_batch_size or (32 if cuda else 8)
     args.iters = args.iters or (20 if cuda else 3)
     args.warmup = (3 if cuda else 1) if args.warmup is None else args.warmup
-    args.atol = (1e-3 if cuda else 1e-5) if args.atol is None else args.atol
     common.check_arguments(p, args, ("meta_batch_size", "iters", "repeats", "inner_steps", "filters", "n_query"),
                            methods=list(SHORT_NAMES))
     if args.warmup < 0:
@@ -350,11 +347,11 @@ def main(argv=None) -> dict:
         raise SystemExit("no method could run")
     reference_name = REFERENCE if REFERENCE in grads else next(iter(grads))
     reference = grads[reference_name]
-    check = {n: compare(g, reference, args.rtol, args.atol) for n, g in grads.items() if n != reference_name}
+    check = {n: compare(g, reference, args.rtol) for n, g in grads.items() if n != reference_name}
     first_order = Runner("first order", build_first_order, initial, args).meta_gradient(tasks)
-    contrast = compare(first_order, reference, args.rtol, args.atol)
+    contrast = compare(first_order, reference, args.rtol)
     print(f"\nmeta-gradient check against the {reference_name} "
-          f"(allclose, rtol {args.rtol}, atol {args.atol} x largest entry):")
+          f"(||diff|| <= {args.rtol} ||ref||):")
     for name, c in [*check.items(), ("(first order)", contrast)]:
         verdict = "OK" if c["allclose"] else "MISMATCH"
         if name == "(first order)":
@@ -435,7 +432,7 @@ def main(argv=None) -> dict:
         "n_way": N_WAY, "k_shot": K_SHOT, "n_query_per_class": args.n_query, "inner_lr": args.inner_lr,
         "outer_lr": args.outer_lr, "iters": args.iters, "repeats": args.repeats, "warmup": args.warmup,
         "baseline": baseline, "peers": {m: _version(m) for m in ("learn2learn", "higher") if m in runners},
-        "gradient_check": {"reference": reference_name, "rtol": args.rtol, "atol": args.atol, **check,
+        "gradient_check": {"reference": reference_name, "rtol": args.rtol, **check,
                            "first_order_contrast": contrast},
         "skipped": skipped, "results": results, "first_iteration_s": first_s, "compile": compile_report,
         "peer_model": args.peer_model,
