@@ -198,3 +198,30 @@ def test_reproduce_omniglot_writes_a_run(bench, tmp_path, monkeypatch):
     (run,) = json.loads(out.read_text())["runs"]
     assert run["preset"] == "cpu" and run["iterations"] > 0 and 0 <= run["accuracy"] <= 1
     assert run["test_inner_steps"] == 3 and run["hardware"] == ml.machine(torch.device("cpu"))
+
+
+@needs_omniglot
+def test_reproduce_omniglot_records_the_validation_curve_and_time_to_target(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMTL_DATA", str(DATA))
+    module = bench("reproduce_omniglot")
+    monkeypatch.setitem(module.PAPER, "cpu", 1.0)  # a target of 1%
+    out = tmp_path / "omniglot.json"
+    module.main(["--presets", "cpu", "--time-budget", "1", "--tasks", "5", "--device", "cpu", "--val-every", "2",
+                 "--val-tasks", "3", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    validation = run["validation"]
+    assert validation["target"] == 0.01 and validation["every"] == 2 and validation["tasks"] == 3
+    assert validation["curve"] and all(0 <= accuracy <= 1 for _, _, accuracy in validation["curve"])
+    # a 5-way classifier scores far above 1% from the start: the first validation is the one recorded
+    first_iteration, first_seconds, _ = validation["curve"][0]
+    assert (validation["iteration_at_target"], validation["seconds_to_target"]) == (first_iteration, first_seconds)
+
+
+def test_time_to_target_reads_the_first_validation_at_or_above_it(bench):
+    history = [{"iteration": 50, "seconds": 1.0, "loss": 1.0}, {"iteration": 100, "seconds": 2.0, "val_metric": 0.5},
+               {"iteration": 200, "seconds": 4.0, "val_metric": 0.9}, {"iteration": 300, "seconds": 6.0,
+                                                                        "val_metric": 0.95}]
+    time_to_target = bench("reproduce_omniglot").time_to_target
+    assert time_to_target(history, 0.9) == (4.0, 200)
+    assert time_to_target(history, 0.99) == (None, None)
+    assert time_to_target(history, None) == (None, None)
