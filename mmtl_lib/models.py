@@ -30,9 +30,10 @@ def elementary_batch_norm() -> Iterator[None]:
     """Within this block every :class:`BatchNorm` computes the elementary-op formula, as under
     :func:`torch.func.vmap`. The ``"compile"`` backend traces its graph in here, so that Inductor
     fuses the same formula the vmap backend runs rather than its own decomposition of the fused
-    kernel. Its float32 meta-gradient on the paper's Conv4 is still about 1.6e-3 (relative
-    norm) from a float64 one on a Xeon CPU, against 1e-5 for the eager backends; in float64 it
-    is exact (``benchmarks/README.md``, ``tests/test_learners.py``)."""
+    kernel, and :class:`Conv2d` keeps the activations NCHW in here. Its float32 meta-gradient on
+    the paper's Conv4 is about 3e-4 (relative norm) from the eager one on a Xeon CPU, against
+    1e-5 between the eager backends; in float64 they agree to 1e-8 (``benchmarks/README.md``,
+    ``tests/test_learners.py``)."""
     token = _ELEMENTARY.set(True)
     try:
         yield
@@ -170,12 +171,16 @@ class Conv2d(nn.Conv2d):
     normalisation, are several times faster on channels-last activations than on NCHW ones
     (max-pooling a 75 x 64 x 28 x 28 batch: 2 ms against 19 ms), and the layout carries through
     the layers that follow. On the paper's Conv4 a second-order MAML meta-iteration took 1.35x
-    less CPU time. Inputs under :func:`torch.func.vmap` and on other devices are left as they are.
+    less CPU time. Inputs under :func:`torch.func.vmap` and on other devices are left as they
+    are; in the compile backend's graph (:func:`elementary_batch_norm`) they are made NCHW.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and x.device.type == "cpu" and not under_vmap():
-            x = channels_last(x)
+            # Not in the compile backend's graph, which runs BatchNorm's formula: its float32 sums
+            # over the batch of channels-last activations lost enough precision to move that
+            # backend's meta-gradient by 1.6e-3 (norm) on the paper's Conv4, against 1e-6 on NCHW.
+            x = x.contiguous() if _ELEMENTARY.get() else channels_last(x)
         return super().forward(x)
 
 

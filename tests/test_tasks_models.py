@@ -207,3 +207,17 @@ def test_zero_head_takes_one_inner_step_to_a_prototype_classifier():
     torch.testing.assert_close(adapted["body.0.0.weight"], params["body.0.0.weight"])  # no signal reaches the body
     with pytest.raises(ml.ConfigError, match="head_init = 'small' is not allowed"):
         ml.Conv4(5, head_init="small")
+
+
+def test_conv4_runs_channels_last_eagerly_and_nchw_where_batch_norm_is_the_formula():
+    # The compile backend traces inside elementary_batch_norm(): the formula's float32 batch sums
+    # are precise on NCHW activations, not on channels-last ones (models.Conv2d).
+    model = ml.Conv4(3, filters=4, image_size=14)
+    layouts = []
+    model.body[1][0].register_forward_hook(lambda m, i, o: layouts.append(i[0].is_contiguous()))
+    x = torch.rand(4, 1, 14, 14)
+    eager = model(x)
+    with ml.models.elementary_batch_norm():
+        formula = model(x)
+    assert layouts == [False, True]
+    assert torch.allclose(eager, formula, rtol=1e-4, atol=1e-5)
