@@ -89,14 +89,14 @@ def guard_and_check(function):
 
 def test_the_kit_has_its_parts_and_every_chapter_with_exercises(kit):
     assert WITH_EXERCISES == ["broken_maml", "learning_to_learn", "maml_omniglot", "maml_sinusoid", "mmtl", "mtl",
-                              "reptile", "variants"]
+                              "reptile", "scaling", "variants"]
     for chapter in WITH_EXERCISES:
         assert (kit / "student" / f"{chapter}.ipynb").is_file()
         assert (kit / "key" / f"{chapter}.ipynb").is_file()
         assert (kit / "autograder" / f"{chapter}-autograder.zip").is_file()
     assert (kit / "student" / "mmtl_lib" / "__init__.py").is_file()
     assert not list((kit / "student").glob("**/*key*")) and not (kit / "student" / "autograder").exists()
-    assert sum(len(coded(chapter)) for chapter in WITH_EXERCISES) == 24
+    assert sum(len(coded(chapter)) for chapter in WITH_EXERCISES) == 26
 
 
 @pytest.mark.parametrize("chapter", WITH_EXERCISES)
