@@ -95,7 +95,9 @@ class BatchNorm(nn.Module):
         weight, bias = self.weight, self.bias
         if self.steps is not None:
             weight, bias = weight[self.step], bias[self.step]
-        if _ELEMENTARY.get() or under_vmap():
+        # One value per channel (a single 1x1 example): the fused kernel refuses it, the formula
+        # gives the bias (the example minus its own mean is 0), as it always did here.
+        if _ELEMENTARY.get() or under_vmap() or x.numel() == x.shape[1]:
             return batch_norm_formula(x, weight, bias, self.eps)
         return F.batch_norm(x, None, None, weight, bias, training=True, eps=self.eps)
 

@@ -221,3 +221,13 @@ def test_conv4_runs_channels_last_eagerly_and_nchw_where_batch_norm_is_the_formu
         formula = model(x)
     assert layouts == [False, True]
     assert torch.allclose(eager, formula, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_of_a_single_value_per_channel_is_its_bias():
+    # The fused kernel refuses one value per channel; BatchNorm then computes the formula, whose
+    # centred input is 0 (Omniglot's "one image alone" exercise scores it at chance).
+    bn = ml.models.BatchNorm(3)
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    out = bn(torch.randn(1, 3, 1, 1))
+    assert torch.equal(out, bn.bias.detach().view(1, 3, 1, 1))
