@@ -159,7 +159,8 @@ def tab(browser, site_url):
 RAW_TEX = """() => {
   const article = document.querySelector("article") || document.body;
   const copy = article.cloneNode(true);
-  copy.querySelectorAll("pre, code, mjx-container, .MathJax, script, style, .cell_output, .output")
+  // code is code wherever it appears: blocks, inline, autodoc's signatures (a regex's "$" is not TeX)
+  copy.querySelectorAll("pre, code, .pre, .sig, mjx-container, .MathJax, script, style, .cell_output, .output")
       .forEach(e => e.remove());
   const text = copy.textContent;
   const tex = /\\\\\\(|\\\\\\)|\\\\\\[|\\\\\\]|\\$[^$\\s]/g;
