@@ -26,3 +26,24 @@ def conv4(n_way=3, **kw):
 def double(tasks):
     """``tasks`` with float64 inputs (labels unchanged)."""
     return ml.TaskBatch((tasks.support[0].double(), tasks.support[1]), (tasks.query[0].double(), tasks.query[1]))
+
+
+TIMING = {"seconds", "elapsed", "train_seconds", "eval_seconds"}
+"""Keys of wall-clock times, which no two runs share."""
+
+
+def assert_identical(a, b, where="state"):
+    """Equal tensors (bit for bit), numbers and containers, apart from wall-clock times."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            if key not in TIMING:
+                assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

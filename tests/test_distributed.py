@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TIMING, assert_identical
 
 import mmtl_lib as ml
 from mmtl_lib.__main__ import main
@@ -32,7 +33,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # The sinusoid preset made small: 20 iterations of 4 tasks, checkpoints every 5.
 SMALL = ["--preset", "sinusoid", "--device", "cpu", "--quiet", "--iterations", "20", "--set", "meta_batch_size=4",
          "--set", "val_every=10", "--set", "val_tasks=5", "--set", "test_tasks=5", "--set", "checkpoint_every=5"]
-TIMING = {"seconds", "elapsed", "train_seconds", "eval_seconds"}
 TIMEOUT = 120  # seconds for one torchrun job; each takes ~6 on a busy 2-core machine
 
 
@@ -60,23 +60,6 @@ def torchrun(*argv, fault=None, restarts=0) -> subprocess.CompletedProcess:
             stdout, stderr = job.communicate()
         pytest.fail(f"the job hung: still running after {TIMEOUT} s\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(command, job.returncode, stdout, stderr)
-
-
-def assert_identical(a, b, where="state"):
-    """Equal tensors (bit for bit), numbers and containers, apart from wall-clock times."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            if key not in TIMING:
-                assert_identical(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # --- the meta-gradient: every learner kind, in-process ranks ---------------------------------------------------

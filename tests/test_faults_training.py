@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_identical
 
 import mmtl_lib as ml
 import mmtl_lib.config as configs
@@ -33,7 +34,6 @@ needs_omniglot = pytest.mark.skipif(not (DATA / "omniglot-py").is_dir(), reason=
 # The sinusoid preset made small: a run of 60 iterations takes well under a second.
 SMALL = ["--preset", "sinusoid", "--device", "cpu", "--quiet", "--set", "meta_batch_size=4",
          "--set", "val_every=40", "--set", "val_tasks=5", "--set", "test_tasks=5", "--set", "checkpoint_every=10"]
-TIMING = {"seconds", "elapsed", "train_seconds", "eval_seconds"}
 
 
 def one_line_error(capsys) -> str:
@@ -45,23 +45,6 @@ def one_line_error(capsys) -> str:
 
 def train(out, *extra, iterations=20) -> int:
     return main(["train", *SMALL, "--iterations", str(iterations), "--out", str(out), *extra])
-
-
-def assert_identical(a, b, where="state"):
-    """Equal tensors (bit for bit), numbers and containers, apart from wall-clock times."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            if key not in TIMING:
-                assert_identical(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.fixture(scope="module")
